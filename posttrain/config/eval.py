@@ -1,0 +1,55 @@
+"""`EvalConfig`: held-out loss and an optional generation metric during training."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import Field, field_validator, model_validator
+
+from posttrain.config.base import FieldError, Section
+from posttrain.config.data import SourceConfig
+
+
+class EvalConfig(Section):
+    sources: list[SourceConfig] = Field(default_factory=list)
+    """Held-out datasets, rendered with the `data:` settings (template, masking, max_length)."""
+
+    fraction: float | None = Field(default=None, gt=0, le=0.5)
+    """Hold out this fraction of the training rows instead of giving `sources`."""
+
+    every_steps: int | None = Field(default=None, ge=1)
+    """Evaluate every N optimiser steps; evaluation also runs at the end when data is given."""
+
+    at_start: bool = False
+    """Also evaluate before the first step (a baseline)."""
+
+    max_samples: int | None = Field(default=None, ge=1)
+    """Cap on held-out samples (loss and generation)."""
+
+    scorer: str | None = None
+    """Generation scorer name (e.g. `gsm8k`); null scores held-out loss only."""
+
+    max_new_tokens: int = Field(default=256, ge=1)
+
+    @field_validator("scorer")
+    @classmethod
+    def _check_scorer(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_.\-]+", value):
+            raise ValueError(f"expected a scorer name like 'gsm8k', got {value!r}")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.sources) or self.fraction is not None
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        if self.sources and self.fraction is not None:
+            raise FieldError("fraction", "give eval.sources or eval.fraction, not both")
+        if not self.enabled:
+            for name in ("every_steps", "scorer"):
+                if getattr(self, name) is not None:
+                    raise FieldError(name, "needs held-out data: set eval.sources or eval.fraction")
+            if self.at_start:
+                raise FieldError("at_start", "needs held-out data: set eval.sources or eval.fraction")
+        return self

@@ -1,0 +1,68 @@
+"""`SFTConfig`: the whole supervised fine-tuning recipe, one section per component."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from posttrain.config.base import FieldError, Section
+from posttrain.config.checkpoint import CheckpointConfig
+from posttrain.config.data import DataConfig, SourceConfig
+from posttrain.config.eval import EvalConfig
+from posttrain.config.launcher import LauncherConfig
+from posttrain.config.lora import LoraConfig
+from posttrain.config.model import ModelConfig
+from posttrain.config.tracking import TrackingConfig
+from posttrain.config.train import TrainConfig
+
+# Weight dtype each precision trains with (`model.dtype: auto` resolves to it).
+PRECISION_DTYPE = {"fp32": "float32", "bf16_autocast": "float32", "bf16": "bfloat16"}
+
+
+def check_sources_exist(sources: list[SourceConfig], path: str) -> None:
+    """Fail on the first source whose file or directory is missing (`path` names the list)."""
+    for i, source in enumerate(sources):
+        if not Path(source.path).expanduser().exists():
+            raise FieldError(f"{path}.{i}.path", f"no such file or directory: {source.path!r}")
+
+
+class SFTConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    """Run name; the run directory is `output_dir/name`."""
+
+    output_dir: str = "runs"
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @model_validator(mode="after")
+    def _check(self) -> SFTConfig:
+        precision = self.train.precision
+        wanted = PRECISION_DTYPE[precision]
+        if self.model.dtype == "auto":
+            self.model.dtype = wanted  # type: ignore[assignment]  # saved resolved
+        elif self.model.dtype != wanted:
+            raise FieldError(
+                "model.dtype",
+                f"{self.model.dtype} weights do not go with train.precision: {precision} "
+                f"(which trains {wanted} weights); set model.dtype: auto or change the precision",
+            )
+        if self.train.steps is None and self.data.epochs is None:
+            raise FieldError(
+                "train.steps",
+                "null (train until the data ends) needs data.epochs; with data.epochs: null the "
+                "data never ends, so set train.steps",
+            )
+        check_sources_exist(self.data.sources, "data.sources")
+        check_sources_exist(self.eval.sources, "eval.sources")
+        return self
