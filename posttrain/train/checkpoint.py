@@ -1,0 +1,388 @@
+"""Checkpoints with `torch.distributed.checkpoint` (DCP): save, keep the last K, find, resume.
+
+Layout under the run directory::
+
+    checkpoints/
+      step_200/            a complete checkpoint
+        .metadata          DCP index
+        __0_0.distcp ...   DCP shards: model, optimiser, scheduler, counters (same on all ranks)
+        rank_0.pt ...      per-rank state: data-loader position and RNG states (differ by rank)
+        meta.json          step, time, world size, plus what the caller passes (tokens, config hash)
+      .tmp-step_300/       a save in progress (or one a crash interrupted): never loaded
+      latest               text file naming the newest checkpoint ("step_200")
+
+A checkpoint is written under `.tmp-step_N` and renamed to `step_N` only once every rank's files
+and `meta.json` are there, so a directory named `step_N` is always complete. `latest` is replaced
+atomically after the rename. Works in a process group of any size (ranks must share the
+filesystem) and with no process group at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+META_FILE = "meta.json"
+TMP_PREFIX = ".tmp-"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class StatefulObject(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and (when initialised) CUDA generator states of this process."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- application state
+
+
+class AppState(Stateful):
+    """Everything a resumed run needs, as one DCP `Stateful`.
+
+    DCP stores `state_dict()`: the model and optimiser (through `get_model_state_dict` /
+    `get_optimizer_state_dict`, so FSDP2 / DTensor shards work unchanged), the scheduler and
+    `counters`. Rank-local state (the loader's position, RNG states) goes through
+    `rank_state_dict()` into a file per rank, because DCP keeps one copy of non-tensor values.
+
+    `counters` is a plain dict the training loop updates in place (e.g. `step`, `tokens`,
+    `trained_tokens`); loading replaces its contents. With `include_frozen=False` frozen
+    parameters (the base model under LoRA) are not saved, and loading leaves them as they are.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: StatefulObject | None = None,
+        loader: StatefulObject | None = None,
+        counters: dict[str, Any] | None = None,
+        *,
+        include_frozen: bool = True,
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.loader = loader
+        self.counters: dict[str, Any] = counters if counters is not None else {"step": 0}
+        self.include_frozen = include_frozen
+
+    def _options(self) -> StateDictOptions:
+        return StateDictOptions(
+            ignore_frozen_params=not self.include_frozen, strict=self.include_frozen
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "model": get_model_state_dict(self.model, options=self._options()),
+            "counters": dict(self.counters),
+        }
+        if self.optimizer is not None:
+            state["optimizer"] = get_optimizer_state_dict(
+                self.model, self.optimizer, options=self._options()
+            )
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state["model"], options=self._options())
+        if self.optimizer is not None:
+            set_optimizer_state_dict(
+                self.model, self.optimizer, state["optimizer"], options=self._options()
+            )
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.counters.clear()
+        self.counters.update(state["counters"])
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        return {
+            "loader": self.loader.state_dict() if self.loader is not None else None,
+            "rng": get_rng_state(),
+        }
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        if self.loader is not None:
+            if state.get("loader") is None:
+                raise ValueError("the checkpoint holds no data-loader state to resume from")
+            self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _rank_world() -> tuple[int, int, bool]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+def _barrier(distributed: bool) -> None:
+    if distributed:
+        dist.barrier()
+
+
+@contextmanager
+def _single_process_quiet(distributed: bool) -> Iterator[None]:
+    """Silence DCP's 'assuming a single process' warning when there is no process group."""
+    with warnings.catch_warnings():
+        if not distributed:
+            warnings.filterwarnings("ignore", message=".*single process.*")
+        yield
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rank_file(checkpoint: Path, rank: int) -> Path:
+    return Path(checkpoint) / f"rank_{rank}.pt"
+
+
+def is_complete(path: str | Path) -> bool:
+    """A finished checkpoint: named `step_N`, with DCP metadata and `meta.json`."""
+    path = Path(path)
+    return (
+        _STEP_DIR.match(path.name) is not None
+        and (path / ".metadata").is_file()
+        and (path / META_FILE).is_file()
+    )
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest step first (temporary directories ignored)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
+
+
+def read_meta(checkpoint: str | Path) -> dict[str, Any]:
+    return json.loads((Path(checkpoint) / META_FILE).read_text())
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    app_state: AppState,
+    meta: dict[str, Any] | None = None,
+    *,
+    keep_last: int | None = None,
+) -> Path:
+    """Save `app_state` as `run_dir/checkpoints/step_{step}` and return that path.
+
+    Collective: every rank calls it. `meta` (JSON-serialisable, e.g. `{"tokens": ...,
+    "config_hash": ...}`) is written to `meta.json` with `step`, `time`, `saved_at` and
+    `world_size`. Saving a step that already exists replaces it. With `keep_last=K`, K
+    checkpoints stay: this one and the newest others by step (see `prune_checkpoints`).
+    """
+    rank, world_size, distributed = _rank_world()
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    final = root / f"step_{step}"
+    tmp = root / f"{TMP_PREFIX}step_{step}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier(distributed)
+
+    with _single_process_quiet(distributed):
+        dcp.save({"app": app_state}, checkpoint_id=tmp, no_dist=not distributed)
+    with open(rank_file(tmp, rank), "wb") as f:
+        torch.save(app_state.rank_state_dict(), f)
+        f.flush()
+        os.fsync(f.fileno())
+    _barrier(distributed)
+
+    if rank == 0:
+        now = time.time()
+        record = {
+            **(meta or {}),
+            "step": step,
+            "time": now,
+            "saved_at": datetime.fromtimestamp(now, timezone.utc).isoformat(),
+            "world_size": world_size,
+        }
+        _write_atomic(tmp / META_FILE, (json.dumps(record, indent=2) + "\n").encode())
+        if final.exists():  # re-saving a step (e.g. after resuming from an earlier one)
+            old = root / f"{TMP_PREFIX}old-step_{step}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+        _write_atomic(root / LATEST_FILE, (final.name + "\n").encode())
+        if keep_last is not None:
+            prune_checkpoints(run_dir, keep_last, keep=final)
+    _barrier(distributed)
+    return final
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int, keep: Path | None = None) -> list[Path]:
+    """Keep `keep_last` complete checkpoints, delete the rest and stale temporary directories.
+
+    Kept: `keep` (the one just written) and the newest others by step. Returns the deleted
+    checkpoint paths. Call on one rank only.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    checkpoints = list_checkpoints(run_dir)
+    if keep is not None:
+        kept = Path(keep).resolve()
+        others = [p for p in checkpoints if p.resolve() != kept]
+        doomed = others[: max(0, len(others) - (keep_last - 1))]
+    else:
+        doomed = checkpoints[:-keep_last]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    for stale in root.glob(f"{TMP_PREFIX}*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    return doomed
+
+
+# ----------------------------------------------------------------------------- find and load
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `latest` names if it is complete, else the complete one with the highest
+    step, else None."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    pointer = root / LATEST_FILE
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if is_complete(named):
+            return named
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def find_resume_checkpoint(run_dir: str | Path, resume: str) -> Path | None:
+    """The checkpoint to resume from, per `checkpoint.resume`.
+
+    `never`: None. `auto`: the newest complete checkpoint of `run_dir`, or None when there is
+    none. Anything else is a path: a checkpoint directory (`.../step_N`), or a run directory or
+    its `checkpoints/` directory, whose newest complete checkpoint is taken. Raises ValueError
+    when a given path holds no complete checkpoint.
+    """
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume).expanduser()
+    if is_complete(path):
+        return path
+    if not path.exists():
+        raise ValueError(f"checkpoint.resume: {resume!r} does not exist")
+    run = path.parent if path.name == CHECKPOINTS_DIR else path
+    found = latest_checkpoint(run)
+    if found is None:
+        raise ValueError(
+            f"checkpoint.resume: {resume!r} is neither a complete checkpoint (step_N with "
+            f"{META_FILE}) nor a run directory holding one"
+        )
+    return found
+
+
+def load_checkpoint(
+    checkpoint: str | Path, app_state: AppState, *, strict_rank_state: bool = True
+) -> dict[str, Any]:
+    """Load `checkpoint` into `app_state` in place (collective) and return its `meta.json`.
+
+    A rank without its own `rank_N.pt` (the world size changed) raises ValueError, unless
+    `strict_rank_state=False`, which then keeps the current loader position and RNG states.
+    """
+    checkpoint = Path(checkpoint)
+    if not is_complete(checkpoint):
+        raise ValueError(f"{checkpoint} is not a complete checkpoint")
+    rank, world_size, distributed = _rank_world()
+    meta = read_meta(checkpoint)
+    with _single_process_quiet(distributed):
+        dcp.load({"app": app_state}, checkpoint_id=checkpoint, no_dist=not distributed)
+    per_rank = rank_file(checkpoint, rank)
+    if per_rank.is_file():
+        # Our own file (pickled like DCP's own non-tensor values): loader state may be any object.
+        app_state.load_rank_state_dict(torch.load(per_rank, weights_only=False))
+    elif strict_rank_state:
+        raise ValueError(
+            f"{checkpoint} was saved by {meta.get('world_size')} ranks and has no state for rank "
+            f"{rank} of {world_size}; resume with the same number of ranks"
+        )
+    return meta
