@@ -23,13 +23,14 @@ class LoraConfig(Section):
 
     dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"],
+        default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"],
         min_length=1,
     )
-    """fnmatch patterns over linear-layer names (qualified name or last component)."""
+    """fnmatch patterns over our linear-layer names (qualified name or last component); the
+    default is every attention and MLP projection (`wq wk wv wo`, `w1` gate, `w3` up, `w2` down)."""
 
     trainable_modules: list[str] = Field(default_factory=list)
-    """Patterns of modules trained in full beside the adapters, e.g. the embeddings or the head."""
+    """Patterns of modules trained in full beside the adapters, e.g. `tok_embeddings`, `output`."""
 
     @field_validator("target_modules", "trainable_modules")
     @classmethod
