@@ -13,6 +13,7 @@ import sys
 # Modules that each define `register(subparsers)`.
 COMMAND_MODULES = (
     "posttrain.models.cli",
+    "posttrain.data.cli",
 )
 
 
