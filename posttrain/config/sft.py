@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -25,6 +26,28 @@ def check_sources_exist(sources: list[SourceConfig], path: str) -> None:
     for i, source in enumerate(sources):
         if not Path(source.path).expanduser().exists():
             raise FieldError(f"{path}.{i}.path", f"no such file or directory: {source.path!r}")
+
+
+def model_position_limit(model: ModelConfig) -> int | None:
+    """`max_position_embeddings` from the model's config.json, when the file is at hand.
+
+    Reads only the JSON (no weights). A bundled model that is not imported yet gives None.
+    """
+    if model.is_bundled:
+        from posttrain.models.hub import default_model_dir
+
+        config_file = default_model_dir(model.path) / "config.json"
+    else:
+        config_file = Path(model.path).expanduser() / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") or {}):
+        limit = section.get("max_position_embeddings")
+        if isinstance(limit, int) and limit > 0:
+            return limit
+    return None
 
 
 class SFTConfig(Section):
@@ -62,6 +85,13 @@ class SFTConfig(Section):
                 "train.steps",
                 "null (train until the data ends) needs data.epochs; with data.epochs: null the "
                 "data never ends, so set train.steps",
+            )
+        limit = model_position_limit(self.model)
+        if limit is not None and self.data.max_length > limit:
+            raise FieldError(
+                "data.max_length",
+                f"{self.data.max_length} is over the model's limit of {limit} positions "
+                f"(max_position_embeddings in {self.model.path}/config.json)",
             )
         check_sources_exist(self.data.sources, "data.sources")
         check_sources_exist(self.eval.sources, "eval.sources")

@@ -135,6 +135,14 @@ def test_cross_field_and_filesystem_checks(workdir, overrides, expected):
     assert expected in error_of(workdir, overrides)
 
 
+def test_max_length_over_the_model_limit(workdir):
+    (workdir / "model" / "config.json").write_text('{"max_position_embeddings": 128}')
+    message = error_of(workdir)
+    assert "data.max_length: 256 is over the model's limit of 128 positions" in message
+    (workdir / "model" / "config.json").write_text('{"text_config": {"max_position_embeddings": 512}}')
+    assert load(workdir).data.max_length == 256
+
+
 def test_bundled_model_name_needs_no_directory(workdir):
     cfg = load(workdir, ["model.path=smollm2-135m-instruct"])
     assert cfg.model.is_bundled
