@@ -72,7 +72,7 @@ def tiny_config(family: str, vocab_size: int):
             head_dim=16,
             sliding_window=8,
             layer_types=["sliding_attention", "full_attention"],
-            query_pre_attn_scalar=16,
+            query_pre_attn_scalar=24,  # differs from head_dim so a wrong scale shows
             rope_theta=1_000_000.0,
             rope_local_base_freq=10_000.0,
             tie_word_embeddings=True,
@@ -82,16 +82,24 @@ def tiny_config(family: str, vocab_size: int):
 
 def build_tiny_checkpoint(family: str, out_dir: Path, seed: int = 0) -> Path:
     """Write a tiny random checkpoint of `family` (weights + tokenizer) to `out_dir`."""
+    tokenizer = build_byte_tokenizer()
+    return build_checkpoint_from_config(tiny_config(family, vocab_size=len(tokenizer)), out_dir, seed)
+
+
+def build_checkpoint_from_config(config, out_dir: Path, seed: int = 0) -> Path:
+    """Write a random checkpoint for a transformers `config` (vocabulary of the byte tokenizer)
+    plus the byte tokenizer to `out_dir`; for variants of the tiny families (rope scaling, sliding
+    windows, soft-capping)."""
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
     tokenizer = build_byte_tokenizer()
-    config = tiny_config(family, vocab_size=len(tokenizer))
+    config.vocab_size = len(tokenizer)
     config.bos_token_id = tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Widen the random init so logits differ meaningfully between tokens, and perturb norms and
     # biases so a wrong norm convention (e.g. Gemma's `1 + w`) or a dropped bias shows in parity.
     with torch.no_grad():

@@ -1,0 +1,139 @@
+"""Attention backends behind one interface.
+
+A backend is a function
+`(q [B, H, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, D], meta, window, scale) -> [B, H, Lq, D]`
+where `meta` is an `AttentionMeta` (never None here: the decoder builds a causal one) and `window`
+the sliding window of the layer (None for full attention). Grouped-query attention is handled by
+every backend without materialising repeated keys.
+
+* `sdpa`: `torch.nn.functional.scaled_dot_product_attention` with a dense boolean mask
+  (document-causal, padding, sliding window); the causal fast path when nothing else applies.
+* `flex`: FlexAttention with a block mask built from the same rule; compiled on GPU, eager on CPU.
+* `flash_varlen`: flash-attn's varlen kernel over `cu_seqlens`; only when `flash_attn` is
+  importable, and not for KV-cache decoding (use `sdpa` there).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from collections.abc import Callable
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+from posttrain.models.common.attention import AttentionMeta
+
+Backend = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, AttentionMeta, "int | None", float], torch.Tensor
+]
+
+
+def dense_mask(meta: AttentionMeta, window: int | None) -> torch.Tensor:
+    """Boolean `[B, 1, Lq, Lk]` mask, True where a query may see a key."""
+    device = meta.q_segments.device
+    q_pos = torch.arange(meta.q_len, device=device)[:, None] + meta.q_offset
+    k_pos = torch.arange(meta.k_len, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed = allowed & (q_pos - k_pos < window)
+    same = meta.q_segments[:, :, None] == meta.k_segments[:, None, :]
+    return (allowed[None] & same)[:, None]
+
+
+def sdpa_attention(q, k, v, meta: AttentionMeta, window: int | None, scale: float) -> torch.Tensor:
+    gqa = q.shape[1] != k.shape[1]
+    if meta.plain_causal and window is None and meta.q_offset == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    mask = meta.cached(("sdpa", window), lambda: dense_mask(meta, window))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+@cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _block_mask(meta: AttentionMeta, window: int | None):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    q_seg, k_seg, offset = meta.q_segments, meta.k_segments, meta.q_offset
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_pos = q_idx + offset
+        ok = (kv_idx <= q_pos) & (q_seg[b, q_idx] == k_seg[b, kv_idx])
+        if window is not None:
+            ok = ok & (q_pos - kv_idx < window)
+        return ok
+
+    return create_block_mask(
+        mask_mod, meta.batch_size, None, meta.q_len, meta.k_len, device=q_seg.device
+    )
+
+
+def flex_attention_backend(q, k, v, meta: AttentionMeta, window: int | None, scale: float) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block_mask = meta.cached(("flex", window), lambda: _block_mask(meta, window))
+    gqa = q.shape[1] != k.shape[1]
+    if q.device.type == "cuda":
+        return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    with warnings.catch_warnings():  # eager on CPU is intended: it is the test path
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+
+
+def flash_varlen_attention(q, k, v, meta: AttentionMeta, window: int | None, scale: float) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    if meta.q_offset != 0:
+        raise ValueError("flash_varlen does not decode over a KV cache; use the sdpa backend for that")
+    batch, heads, length, dim = q.shape
+    cu_seqlens, max_seqlen = meta.varlen_boundaries()
+
+    def flat(x: torch.Tensor) -> torch.Tensor:  # [B, H, L, D] -> [B*L, H, D]
+        return x.transpose(1, 2).reshape(batch * length, x.shape[1], dim)
+
+    out = flash_attn_varlen_func(
+        flat(q),
+        flat(k),
+        flat(v),
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_k=cu_seqlens,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_k=max_seqlen,
+        softmax_scale=scale,
+        causal=True,
+        window_size=(window - 1, 0) if window is not None else (-1, -1),
+    )
+    return out.view(batch, length, heads, dim).transpose(1, 2)
+
+
+BACKENDS: dict[str, Backend] = {
+    "sdpa": sdpa_attention,
+    "flex": flex_attention_backend,
+    "flash_varlen": flash_varlen_attention,
+}
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this environment."""
+    return [name for name in BACKENDS if name != "flash_varlen" or flash_attn_available()]
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}")
+    if name == "flash_varlen" and not flash_attn_available():
+        raise ValueError(
+            "attention backend 'flash_varlen' needs the flash-attn package; install it on a GPU "
+            "machine or choose 'sdpa' or 'flex'"
+        )
+    return BACKENDS[name]
