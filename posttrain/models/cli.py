@@ -22,6 +22,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p_list = sub.add_parser("list", help="show bundled models and whether they are cached")
     p_list.set_defaults(func=_cmd_list)
 
+    p_verify = sub.add_parser(
+        "verify", help="compare our model's logits with transformers on fixed prompt batches"
+    )
+    p_verify.add_argument("dir", help="Hugging Face model directory (config.json + safetensors)")
+    p_verify.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p_verify.add_argument("--device", default="cpu")
+    p_verify.add_argument(
+        "--backend", default="sdpa", help="our attention backend: sdpa, flex or flash_varlen"
+    )
+    p_verify.add_argument(
+        "--tolerance", type=float, default=None, help="max |logit diff| allowed (default per dtype)"
+    )
+    p_verify.add_argument("--json", action="store_true", help="print only the JSON result")
+    p_verify.set_defaults(func=_cmd_verify)
+
 
 def _cmd_import(args: argparse.Namespace) -> int:
     print(hub.import_model(args.name, args.out))
@@ -45,3 +60,23 @@ def _cmd_list(args: argparse.Namespace) -> int:
         )
     Console().print(table)
     return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from posttrain.models.verify import DTYPES, verify
+
+    result = verify(
+        args.dir,
+        dtype=DTYPES[args.dtype],
+        device=args.device,
+        attention_backend=args.backend,
+        tolerance=args.tolerance,
+    )
+    if not args.json:
+        verdict = "PASS" if result.passed else "FAIL"
+        print(
+            f"{verdict} {result.family}: max |logit diff| {result.max_abs_diff:.3g} "
+            f"(tolerance {result.tolerance:g}), mean {result.mean_abs_diff:.3g} over {result.tokens} tokens"
+        )
+    print(result.to_json())
+    return 0 if result.passed else 1
