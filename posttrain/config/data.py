@@ -68,7 +68,8 @@ class DataConfig(BaseModel):
     max_length: int = Field(2048, ge=2)
     # false: one sample per row, padded to the longest row of the batch.
     packing: bool = True
-    # Rows kept open by the best-fit packer: the bound on the packing buffer.
+    # Packing window in rows: samples gather until they fill this many rows, then are packed
+    # best-fit-decreasing; the least-full quarter waits for the next round. Bounds the buffer.
     pack_rows: int = Field(64, ge=1)
     # Which assistant turns are trained; a message's own `train: false|true` wins.
     train_on: Literal["all", "last"] = "all"

@@ -53,6 +53,25 @@ class Rendered:
 
 
 @dataclass
+class _Doc:
+    """One document before tokenization: text, trained character spans, plain-text extras."""
+
+    text: _Text
+    spans: list[Span]
+    bos: list[int] = field(default_factory=list)  # ids before the text (plain-text mode)
+    eos: int | None = None  # trained id after the text (plain-text mode)
+
+
+@dataclass
+class Prepared:
+    """An example rendered to text with its trained spans, waiting for (batched) tokenization."""
+
+    docs: list[_Doc]
+    special_tokens: bool = False
+    expanded: bool = False
+
+
+@dataclass
 class PromptSample:
     """An RL prompt: ids up to and including the generation prompt, plus the reference answer."""
 
@@ -107,27 +126,52 @@ class ChatRenderer:
     # ---- public entry points ---------------------------------------------------------------
 
     def render(self, example: Example) -> Rendered:
-        if isinstance(example, Conversation):
-            return self.render_conversation(example.messages, tools=example.tools)
-        if isinstance(example, TextExample):
-            return self.render_text(example.prompt, example.completion)
-        if isinstance(example, PreferenceExample):
-            return self.render_preference(example)
-        raise TypeError(f"cannot render {type(example).__name__} as a training sample")
+        return self.finish([self.prepare(example)])[0]
 
     def render_conversation(self, messages: list[dict], *, tools: list[dict] | None = None) -> Rendered:
+        return self.finish([self._prepare_conversation(messages, tools)])[0]
+
+    def render_preference(self, example: PreferenceExample) -> Rendered:
+        return self.finish([self._prepare_preference(example)])[0]
+
+    def render_text(self, prompt: str, completion: str) -> Rendered:
+        """Plain text (no chat template): tokenizer's own BOS, prompt, completion, EOS trained."""
+        return self.finish([self._prepare_text(prompt, completion)])[0]
+
+    def prepare(self, example: Example) -> Prepared:
+        """Render text and find trained spans (no tokenization yet; see `finish`)."""
+        if isinstance(example, Conversation):
+            return self._prepare_conversation(example.messages, example.tools)
+        if isinstance(example, TextExample):
+            return self._prepare_text(example.prompt, example.completion)
+        if isinstance(example, PreferenceExample):
+            return self._prepare_preference(example)
+        raise TypeError(f"cannot render {type(example).__name__} as a training sample")
+
+    def finish(self, prepared: list[Prepared]) -> list[Rendered]:
+        """Tokenize the documents of many prepared examples in one batched call."""
+        docs = [doc for p in prepared for doc in p.docs]
+        encoded = iter(self._tokenize_many([doc.text for doc in docs]))
+        out = []
+        for p in prepared:
+            samples = [_doc_sample(doc, *next(encoded)) for doc in p.docs]
+            out.append(Rendered(samples, p.special_tokens, p.expanded))
+        return out
+
+    # ---- preparing documents ---------------------------------------------------------------
+
+    def _prepare_conversation(self, messages: list[dict], tools: list[dict] | None) -> Prepared:
         trained = self._trained_turns(messages)
-        clean, originals = self._prepare(messages)
+        clean, originals = self._clean_messages(messages)
         template = self._template(tools)
+        special = bool(originals)
         if not trained:  # nothing to train: one all-ignored sample (the loader drops and counts it)
-            text = self._restore(self._render(template, clean, tools), originals)
-            ids, _ = self._tokenize(text)
-            return Rendered([Sample(ids, [IGNORE_INDEX] * len(ids))], bool(originals))
+            return Prepared([self._doc(self._render(template, clean, tools), [], originals)], special)
 
         if _GENERATION_TAG.search(template):
             full, blocks = self._render_tracked(template, clean, tools)
             spans = self._select_blocks(messages, trained, blocks)
-            return Rendered([self._finish(full, spans, originals)], bool(originals))
+            return Prepared([self._doc(full, spans, originals)], special)
 
         full = self._render(template, clean, tools)
         spans = []
@@ -137,7 +181,7 @@ class ChatRenderer:
                 break
             spans.append(span)
         else:
-            return Rendered([self._finish(full, spans, originals)], bool(originals))
+            return Prepared([self._doc(full, spans, originals)], special)
 
         if self.template_rewrite != "expand":
             raise FieldError(
@@ -146,41 +190,40 @@ class ChatRenderer:
                 "full conversation), so one mask cannot match what the model sees; set "
                 "data.template_rewrite: expand for one sample per assistant turn",
             )
-        samples = []
+        docs = []
         for i in trained:
             text = self._render(template, clean[: i + 1], tools)
             span = self._turn_span(template, clean, tools, i, text)
             if span is None:
                 raise FieldError(f"messages[{i}]", "the template renders this turn differently as a prefix")
-            samples.append(self._finish(text, [span], originals))
-        return Rendered(samples, bool(originals), expanded=True)
+            docs.append(self._doc(text, [span], originals))
+        return Prepared(docs, special, expanded=True)
 
-    def render_preference(self, example: PreferenceExample) -> Rendered:
-        chosen = self.render_conversation(example.prompt + example.chosen, tools=example.tools)
-        rejected = self.render_conversation(example.prompt + example.rejected, tools=example.tools)
+    def _prepare_preference(self, example: PreferenceExample) -> Prepared:
+        chosen = self._prepare_conversation(example.prompt + example.chosen, example.tools)
+        rejected = self._prepare_conversation(example.prompt + example.rejected, example.tools)
         if chosen.expanded or rejected.expanded:
             raise FieldError("chosen", "the template rewrites earlier turns; a pair needs one sample each")
-        return Rendered(chosen.samples + rejected.samples, chosen.special_tokens or rejected.special_tokens)
+        return Prepared(chosen.docs + rejected.docs, chosen.special_tokens or rejected.special_tokens)
 
-    def render_text(self, prompt: str, completion: str) -> Rendered:
-        """Plain text (no chat template): tokenizer's own BOS, prompt, completion, EOS trained."""
+    def _prepare_text(self, prompt: str, completion: str) -> Prepared:
         eos = self.tok.eos_token_id
         if eos is None:
             raise ValueError("the tokenizer has no EOS token to end plain-text completions")
-        parts, originals = [], []
-        for name, value in (("prompt", prompt), ("completion", completion)):
-            parts.append(self._escape(value, name, originals))
-        text = self._restore(parts[0] + parts[1], originals)
-        start = text.remap(len(parts[0]))
-        ids, offsets = self._tokenize(text)
-        offsets = [(0, 0)] * len(self._bos_ids) + offsets
-        ids = self._bos_ids + ids + [eos]
-        trained = _mark(offsets, [(start, len(text.text))]) + [True]  # the EOS is trained
-        return Rendered([_labels(ids, trained)], bool(originals))
+        originals: list[str] = []
+        prompt = self._escape(prompt, "prompt", originals)
+        completion = self._escape(completion, "completion", originals)
+        text = self._restore(prompt + completion, originals)
+        span = (text.remap(len(prompt)), len(text.text))
+        return Prepared([_Doc(text, [span], bos=self._bos_ids, eos=eos)], bool(originals))
+
+    def _doc(self, text: str, spans: list[Span], originals: list[str]) -> _Doc:
+        restored = self._restore(text, originals)
+        return _Doc(restored, [(restored.remap(s), restored.remap(e)) for s, e in spans])
 
     def render_prompt(self, example: PromptExample) -> PromptSample:
         """Prompt ids for generation: the conversation plus the template's generation prompt."""
-        clean, originals = self._prepare(example.messages)
+        clean, originals = self._clean_messages(example.messages)
         text = self._render(self._template(example.tools), clean, example.tools, generation_prompt=True)
         ids, _ = self._tokenize(self._restore(text, originals))
         return PromptSample(ids, example.reference, example.messages)
@@ -254,7 +297,7 @@ class ChatRenderer:
             raise FieldError("messages", f"the chat template failed: {err}") from None
         return texts[0], (list(indices[0]) if track else [])
 
-    def _prepare(self, messages: list[dict]) -> tuple[list[dict], list[str]]:
+    def _clean_messages(self, messages: list[dict]) -> tuple[list[dict], list[str]]:
         """Messages as the template sees them (our keys removed, special strings handled)."""
         originals: list[str] = []
         clean = []
@@ -323,11 +366,19 @@ class ChatRenderer:
 
     # ---- tokenization --------------------------------------------------------------------------
 
-    def _finish(self, text: str, spans: list[Span], originals: list[str]) -> Sample:
-        restored = self._restore(text, originals)
-        spans = [(restored.remap(s), restored.remap(e)) for s, e in spans]
-        ids, offsets = self._tokenize(restored)
-        return _labels(ids, _mark(offsets, spans))
+    def _tokenize_many(self, texts: list[_Text]) -> list[tuple[list[int], list[Span]]]:
+        """Texts without escaped ranges go through one batched tokenizer call."""
+        out: list = [None] * len(texts)
+        simple = [i for i, t in enumerate(texts) if not t.plain]
+        if simple:
+            enc = self.tok([texts[i].text for i in simple], add_special_tokens=False,
+                           return_offsets_mapping=True)
+            for k, i in enumerate(simple):
+                out[i] = (list(enc["input_ids"][k]), [tuple(o) for o in enc["offset_mapping"][k]])
+        for i, text in enumerate(texts):
+            if out[i] is None:
+                out[i] = self._tokenize(text)
+        return out
 
     def _tokenize(self, text: _Text) -> tuple[list[int], list[Span]]:
         """Encode once; escaped ranges are encoded as plain text between ordinary pieces."""
@@ -381,6 +432,15 @@ def _mark(offsets: list[Span], spans: list[Span]) -> list[bool]:
                 trained[k] = True
             k += 1
     return trained
+
+
+def _doc_sample(doc: _Doc, ids: list[int], offsets: list[Span]) -> Sample:
+    trained = _mark(offsets, doc.spans)
+    if doc.bos:
+        ids, trained = doc.bos + ids, [False] * len(doc.bos) + trained
+    if doc.eos is not None:
+        ids, trained = ids + [doc.eos], trained + [True]
+    return _labels(ids, trained)
 
 
 def _labels(ids: list[int], trained: list[bool]) -> Sample:

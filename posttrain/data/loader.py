@@ -25,13 +25,14 @@ from typing import Any
 
 from posttrain.config.data import DataConfig
 from posttrain.data.batch import PackedBatch, Sample, collate
-from posttrain.data.chat import ChatRenderer
+from posttrain.data.chat import ChatRenderer, Rendered
 from posttrain.data.mixing import Mixer, SourceStream
 from posttrain.data.packing import BestFitPacker, PadPacker, Row, unit_length
 from posttrain.data.rows import FieldError, parse_row
 from posttrain.data.sources import DataError, RawRow, open_source
 
 STATE_VERSION = 1
+RENDER_CHUNK = 64  # rows rendered and tokenized together (one batched tokenizer call)
 
 
 @dataclass
@@ -106,7 +107,9 @@ class Pipeline:
             template_rewrite=cfg.template_rewrite,
         )
         self.packer = (
-            BestFitPacker(self.max_length, cfg.pack_rows) if cfg.packing else PadPacker(self.max_length)
+            BestFitPacker(self.max_length, cfg.pack_rows, seed=data_seed)
+            if cfg.packing
+            else PadPacker(self.max_length)
         )
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
@@ -121,16 +124,21 @@ class Pipeline:
         """This rank's rows of the next batch; raises StopIteration at the end of the data."""
         per_step = self.batch_size * (self.world_size if self.cfg.shard == "rows" else 1)
         while len(self._ready) < per_step and not self._finished:
-            drawn = self.mixer.next()
-            if drawn is None:
+            chunk, ended = [], False
+            while len(chunk) < RENDER_CHUNK:
+                drawn = self.mixer.next()
+                if drawn is None:
+                    ended = True
+                    break
+                self._drawn += 1
+                if self.cfg.shard == "samples" and (self._drawn - 1) % self.world_size != self.rank:
+                    continue
+                chunk.append(drawn)
+            for unit in self.render_rows(chunk):
+                self._ready += self.packer.add(unit)
+            if ended:
                 self._ready += self.packer.flush()
                 self._finished = True
-                break
-            self._drawn += 1
-            if self.cfg.shard == "samples" and (self._drawn - 1) % self.world_size != self.rank:
-                continue
-            for unit in self.render_row(*drawn):
-                self._ready += self.packer.add(unit)
         if not self._ready:
             raise StopIteration
         rows, self._ready = self._ready[:per_step], self._ready[per_step:]
@@ -156,19 +164,29 @@ class Pipeline:
         return max([unit_length(r) for r in rows] + [1])
 
     def render_row(self, source: int, raw: RawRow) -> list[list[Sample]]:
-        """Render one drawn row into packable units (counted), applying the length and
-        no-trained-token rules and the `on_error` policy."""
-        self.counters.rows_read += 1
-        try:
-            example = parse_row(raw.load(), self.cfg.sources[source], task=self.cfg.task,
-                                chat_template=self.cfg.chat_template)
-            rendered = self.renderer.render(example)
-        except (FieldError, DataError) as err:
-            error = err if isinstance(err, DataError) else raw.error(err.field, err.message)
-            if self.cfg.on_error == "raise":
-                raise error from None
-            self.counters.skipped_errors += 1
-            return []
+        return self.render_rows([(source, raw)])
+
+    def render_rows(self, drawn: list[tuple[int, RawRow]]) -> list[list[Sample]]:
+        """Render drawn rows into packable units (tokenized in one batch), applying the
+        `on_error` policy, the length rule and the no-trained-token rule; counted."""
+        prepared = []
+        for source, raw in drawn:
+            self.counters.rows_read += 1
+            try:
+                example = parse_row(raw.load(), self.cfg.sources[source], task=self.cfg.task,
+                                    chat_template=self.cfg.chat_template)
+                prepared.append(self.renderer.prepare(example))
+            except (FieldError, DataError) as err:
+                error = err if isinstance(err, DataError) else raw.error(err.field, err.message)
+                if self.cfg.on_error == "raise":
+                    raise error from None
+                self.counters.skipped_errors += 1
+        units = []
+        for rendered in self.renderer.finish(prepared):
+            units += self._keep(rendered)
+        return units
+
+    def _keep(self, rendered: Rendered) -> list[list[Sample]]:
         self.counters.special_tokens += rendered.special_tokens
         self.counters.expanded += rendered.expanded
         pair = self.cfg.task == "preference"
@@ -244,9 +262,8 @@ def to_serialisable(snapshot: dict) -> dict:
     return {
         **snapshot,
         "packer": {
-            "rows": rows(packer["rows"]),
-            "pool": [[arrival, [s.to_dict() for s in unit]] for arrival, unit in packer["pool"]],
-            "arrivals": packer["arrivals"],
+            **packer,
+            "pending": [[c, a, [s.to_dict() for s in unit]] for c, a, unit in packer["pending"]],
         },
         "ready": rows(snapshot["ready"]),
         "counters": asdict(snapshot["counters"]),
@@ -264,9 +281,8 @@ def from_serialisable(state: dict) -> dict:
     return {
         **state,
         "packer": {
-            "rows": rows(packer["rows"]),
-            "pool": [(arrival, [Sample.from_dict(s) for s in unit]) for arrival, unit in packer["pool"]],
-            "arrivals": packer["arrivals"],
+            **packer,
+            "pending": [(c, a, [Sample.from_dict(s) for s in unit]) for c, a, unit in packer["pending"]],
         },
         "ready": rows(state["ready"]),
         "counters": DataCounters(**state["counters"]),

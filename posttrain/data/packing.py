@@ -1,17 +1,21 @@
 """On-the-fly packing of samples into fixed-length rows.
 
-`BestFitPacker` keeps at most `open_rows` partially filled rows and a pool of pending units (the
-bounded packing buffer). A unit goes to the open row it fills most tightly (best fit); a row that
-becomes exactly full is closed at once. When nothing fits and all rows are open, the fullest row is
-closed to make room. A unit is one sample, or a preference pair that must share a row; units are
-never split across rows.
+`BestFitPacker` packs best-fit-decreasing over a bounded window: units gather until they hold
+`window_rows` rows' worth of tokens, then they are placed largest first, each into the row it
+fills most tightly (a new row when none has room). The rows are emitted in a seeded shuffled
+order, except the least-full quarter: their units go back to wait for the next round, where new
+arrivals can fill the gaps. A unit is carried back at most `MAX_CARRY` times, so none waits
+forever, and the buffer never holds much more than `1.25 * window_rows` rows of tokens.
 
-`PadPacker` is the `packing: false` baseline: every unit is its own row.
+A unit is one sample, or a preference pair that must share a row; units are never split across
+rows. `PadPacker` is the `packing: false` baseline: every unit is its own row.
 """
 
 from __future__ import annotations
 
 import bisect
+import random
+from dataclasses import dataclass, field
 
 from posttrain.data.batch import Sample
 
@@ -22,95 +26,101 @@ def unit_length(unit: list[Sample]) -> int:
     return sum(len(s) for s in unit)
 
 
+@dataclass
+class _Pending:
+    carried: int  # rounds this unit has already waited
+    arrival: int  # arrival number: a deterministic tie-break
+    unit: list[Sample]
+    length: int = 0
+
+    def __post_init__(self) -> None:
+        self.length = unit_length(self.unit)
+
+
+@dataclass
+class _Bin:
+    used: int = 0
+    entries: list[_Pending] = field(default_factory=list)
+
+
 class BestFitPacker:
-    """Best fit over a bounded window: `open_rows` open rows plus `4 * open_rows` pending units.
+    CARRY_FRACTION = 0.25
+    MAX_CARRY = 4
 
-    Arriving units wait in a pending pool; when it overflows, the largest pending unit is placed
-    (largest first, as in offline best-fit-decreasing). Before a row is closed to make room, its
-    gap is topped up with the largest pending units that still fit.
-    """
-
-    POOL_PER_ROW = 4
-
-    def __init__(self, capacity: int, open_rows: int):
-        assert capacity > 0 and open_rows > 0
+    def __init__(self, capacity: int, window_rows: int, seed: int = 0):
+        assert capacity > 0 and window_rows > 0
         self.capacity = capacity
-        self.open_rows = open_rows
-        self.pool_size = self.POOL_PER_ROW * open_rows
-        self._rows: list[Row] = []
-        self._used: list[int] = []
-        # Pending units sorted by (length, -arrival): the last is the largest, oldest first on ties.
-        self._pool: list[tuple[int, int, list[Sample]]] = []
+        self.window_rows = window_rows
+        self.seed = seed
+        self._pending: list[_Pending] = []
+        self._pending_tokens = 0
         self._arrivals = 0
+        self._rounds = 0
 
     def add(self, unit: list[Sample]) -> list[Row]:
-        """Take `unit`; return the rows this closed (in closing order)."""
-        n = unit_length(unit)
-        assert 0 < n <= self.capacity, f"unit of {n} tokens does not fit a row of {self.capacity}"
-        bisect.insort(self._pool, (n, -self._arrivals, unit), key=_pool_key)
+        """Take `unit`; return the rows this completed (possibly none)."""
+        entry = _Pending(0, self._arrivals, unit)
+        assert 0 < entry.length <= self.capacity, (
+            f"unit of {entry.length} tokens does not fit a row of {self.capacity}"
+        )
         self._arrivals += 1
-        closed: list[Row] = []
-        while len(self._pool) > self.pool_size:
-            self._place(self._pool.pop(), closed)
-        return closed
+        self._pending.append(entry)
+        self._pending_tokens += entry.length
+        if self._pending_tokens >= self.capacity * self.window_rows:
+            return self._round(final=False)
+        return []
 
     def flush(self) -> list[Row]:
-        """Place every pending unit, then close every row (end of data)."""
-        closed: list[Row] = []
-        while self._pool:
-            self._place(self._pool.pop(), closed)
-        closed += self._rows
-        self._rows, self._used = [], []
-        return closed
+        """Pack and emit everything still waiting (end of data)."""
+        return self._round(final=True) if self._pending else []
 
-    def _place(self, entry: tuple[int, int, list[Sample]], closed: list[Row]) -> None:
-        n, _, unit = entry
-        best, best_left = -1, self.capacity + 1
-        for i, used in enumerate(self._used):
-            left = self.capacity - used - n
-            if 0 <= left < best_left:
-                best, best_left = i, left
-        if best >= 0:
-            self._rows[best].extend(unit)
-            self._used[best] += n
-            if best_left == 0:
-                closed.append(self._close(best))
-            return
-        if len(self._rows) >= self.open_rows:
-            fullest = max(range(len(self._used)), key=lambda i: (self._used[i], -i))
-            closed.append(self._close(fullest, top_up=True))
-        self._rows.append(list(unit))
-        self._used.append(n)
+    def _round(self, final: bool) -> list[Row]:
+        bins = self._best_fit_decreasing(self._pending)
+        carry: set[int] = set()
+        if not final:
+            least_full = sorted(range(len(bins)), key=lambda i: (bins[i].used, i))
+            for i in least_full[: int(len(bins) * self.CARRY_FRACTION)]:
+                if all(e.carried < self.MAX_CARRY for e in bins[i].entries):
+                    carry.add(i)
+        self._pending = [
+            _Pending(e.carried + 1, e.arrival, e.unit) for i in sorted(carry) for e in bins[i].entries
+        ]
+        self._pending_tokens = sum(e.length for e in self._pending)
+        rows = [[s for e in b.entries for s in e.unit] for i, b in enumerate(bins) if i not in carry]
+        # Largest documents open the first rows; shuffle so batches and ranks don't see that order.
+        random.Random(f"pack:{self.seed}:{self._rounds}").shuffle(rows)
+        self._rounds += 1
+        return rows
 
-    def _close(self, i: int, top_up: bool = False) -> Row:
-        while top_up and self._pool:
-            gap = self.capacity - self._used[i]
-            k = bisect.bisect_right(self._pool, (gap, 0), key=_pool_key) - 1
-            if k < 0:
-                break
-            n, _, unit = self._pool.pop(k)
-            self._rows[i].extend(unit)
-            self._used[i] += n
-        self._used.pop(i)
-        return self._rows.pop(i)
+    def _best_fit_decreasing(self, entries: list[_Pending]) -> list[_Bin]:
+        bins: list[_Bin] = []
+        gaps: list[tuple[int, int]] = []  # (free tokens, bin index), sorted
+        for entry in sorted(entries, key=lambda e: (-e.length, e.arrival)):
+            k = bisect.bisect_left(gaps, (entry.length, -1))
+            if k < len(gaps):
+                _, i = gaps.pop(k)
+            else:
+                i = len(bins)
+                bins.append(_Bin())
+            b = bins[i]
+            b.used += entry.length
+            b.entries.append(entry)
+            if b.used < self.capacity:
+                bisect.insort(gaps, (self.capacity - b.used, i))
+        return bins
 
     def snapshot(self) -> dict:
         return {
-            "rows": [list(row) for row in self._rows],
-            "pool": [(arrival, unit) for _, arrival, unit in self._pool],
+            "pending": [(e.carried, e.arrival, e.unit) for e in self._pending],
             "arrivals": self._arrivals,
+            "rounds": self._rounds,
         }
 
     def restore(self, state: dict) -> None:
-        self._rows = [list(row) for row in state["rows"]]
-        self._used = [unit_length(row) for row in self._rows]
-        self._pool = [(unit_length(unit), arrival, list(unit)) for arrival, unit in state["pool"]]
-        self._pool.sort(key=_pool_key)
+        self._pending = [_Pending(c, a, list(unit)) for c, a, unit in state["pending"]]
+        self._pending_tokens = sum(e.length for e in self._pending)
         self._arrivals = state["arrivals"]
-
-
-def _pool_key(entry: tuple) -> tuple[int, int]:
-    return entry[0], entry[1]
+        self._rounds = state["rounds"]
 
 
 class PadPacker:
@@ -126,10 +136,10 @@ class PadPacker:
         return []
 
     def snapshot(self) -> dict:
-        return {"rows": [], "pool": [], "arrivals": 0}
+        return {"pending": [], "arrivals": 0, "rounds": 0}
 
     def restore(self, state: dict) -> None:
-        assert not state["rows"] and not state["pool"]
+        assert not state["pending"]
 
 
 def packing_efficiency(rows: list[Row], capacity: int) -> float:

@@ -60,7 +60,7 @@ def check_layout(batch: PackedBatch, pad_id: int = PAD) -> list[Sample]:
 
 def test_best_fit_packs_whole_documents_once():
     samples = make_samples(300)
-    packer = BestFitPacker(capacity=256, open_rows=4)
+    packer = BestFitPacker(capacity=256, window_rows=4)
     rows = []
     for s in samples:
         rows += packer.add([s])
@@ -74,7 +74,7 @@ def test_best_fit_packs_whole_documents_once():
 
 def test_collate_layout_and_isolation():
     samples = make_samples(40)
-    packer = BestFitPacker(capacity=200, open_rows=3)
+    packer = BestFitPacker(capacity=200, window_rows=3)
     rows = [r for s in samples for r in packer.add([s])] + packer.flush()
     docs = []
     for i in range(0, len(rows), 4):
@@ -105,7 +105,7 @@ def test_weights_travel_when_present():
 
 
 def test_gsm8k_efficiency_at_2048_with_bounded_buffer(gsm8k_path, smol_tok):
-    """On-the-fly best fit (64 open rows + 256 pending samples) reaches >= 98% on all of GSM8K."""
+    """On-the-fly best fit over a 64-row window reaches >= 98% on all of GSM8K."""
     cfg = DataConfig(
         sources=[{"path": str(gsm8k_path), "fields": {"question": "user", "answer": "assistant"}}],
         max_length=2048,
