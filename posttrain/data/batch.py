@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from functools import cached_property
 
 import torch
 
@@ -35,9 +36,9 @@ class Sample:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    @property
+    @cached_property
     def num_trained(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
     def truncated(self, length: int) -> Sample:
         """The first `length` tokens; the new last position predicts nothing (Sample contract)."""

@@ -420,17 +420,16 @@ class ChatRenderer:
 
 
 def _mark(offsets: list[Span], spans: list[Span]) -> list[bool]:
-    """True for every token whose character range overlaps a span (spans sorted, disjoint)."""
+    """True for every token whose character range overlaps a span (offsets in text order)."""
     trained = [False] * len(offsets)
-    t = 0
+    if not spans:
+        return trained
+    starts = [a for a, _ in offsets]
+    ends = [b for _, b in offsets]
     for s, e in spans:
-        while t < len(offsets) and offsets[t][1] <= s:  # token ends before the span
-            t += 1
-        k = t
-        while k < len(offsets) and offsets[k][0] < e:
-            if offsets[k][1] > s:
-                trained[k] = True
-            k += 1
+        first = bisect.bisect_right(ends, s)  # first token ending after the span starts
+        last = bisect.bisect_left(starts, e)  # first token starting at or after the span ends
+        trained[first:last] = [True] * max(0, last - first)
     return trained
 
 

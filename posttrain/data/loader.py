@@ -17,6 +17,7 @@ Ranks (`shard`):
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 from dataclasses import asdict, dataclass, field
@@ -423,6 +424,10 @@ def build_loader(
     max_length: int | None = None,
 ) -> DataLoader:
     """The loader for one rank: `batch_size` rows of `max_length` (default `cfg.max_length`)."""
+    if cfg.prefetch:
+        # The worker thread gets its own copy: a fast tokenizer call sets state on the shared Rust
+        # object (e.g. whether special tokens are split), so two threads must not share one.
+        tokenizer = copy.deepcopy(tokenizer)
     pipeline = Pipeline(cfg, tokenizer, batch_size=batch_size, rank=rank, world_size=world_size,
                         seed=seed, max_length=max_length)
     return DataLoader(pipeline, prefetch=cfg.prefetch)
