@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES = (
     "posttrain.models.cli",
     "posttrain.data.cli",
+    "posttrain.recipes.cli",
 )
 
 

@@ -14,8 +14,6 @@ class EvalConfig(Section):
     sources: list[SourceConfig] = Field(default_factory=list)
     """Held-out datasets, rendered with the `data:` settings (template, masking, max_length)."""
 
-    fraction: float | None = Field(default=None, gt=0, le=0.5)
-    """Hold out this fraction of the training rows instead of giving `sources`."""
 
     every_steps: int | None = Field(default=None, ge=1)
     """Evaluate every N optimiser steps; evaluation also runs at the end when data is given."""
@@ -40,16 +38,14 @@ class EvalConfig(Section):
 
     @property
     def enabled(self) -> bool:
-        return bool(self.sources) or self.fraction is not None
+        return bool(self.sources)
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
-        if self.sources and self.fraction is not None:
-            raise FieldError("fraction", "give eval.sources or eval.fraction, not both")
         if not self.enabled:
             for name in ("every_steps", "scorer"):
                 if getattr(self, name) is not None:
-                    raise FieldError(name, "needs held-out data: set eval.sources or eval.fraction")
+                    raise FieldError(name, "needs held-out data: set eval.sources")
             if self.at_start:
-                raise FieldError("at_start", "needs held-out data: set eval.sources or eval.fraction")
+                raise FieldError("at_start", "needs held-out data: set eval.sources")
         return self

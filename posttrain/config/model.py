@@ -21,7 +21,7 @@ class ModelConfig(Section):
     """A Hugging Face directory (config.json + *.safetensors) or a bundled model name."""
 
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Weight dtype; `auto` follows `train.precision` (float32 unless precision is `bf16`)."""
+    """Weight dtype; `auto` follows `train.precision` (float32 for both precisions)."""
 
     attention: Literal["sdpa", "flex", "flash_varlen"] = "sdpa"
     activation_checkpointing: bool = False

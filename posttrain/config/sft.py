@@ -18,7 +18,7 @@ from posttrain.config.tracking import TrackingConfig
 from posttrain.config.train import TrainConfig
 
 # Weight dtype each precision trains with (`model.dtype: auto` resolves to it).
-PRECISION_DTYPE = {"fp32": "float32", "bf16_autocast": "float32", "bf16": "bfloat16"}
+PRECISION_DTYPE = {"fp32": "float32", "bf16_autocast": "float32"}
 
 
 def check_sources_exist(sources: list[SourceConfig], path: str) -> None:

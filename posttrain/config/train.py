@@ -41,8 +41,8 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
     """The schedule decays to `lr * min_lr_ratio` (cosine and linear)."""
 
-    precision: Literal["fp32", "bf16_autocast", "bf16"] = "fp32"
-    """`fp32`; `bf16_autocast` (fp32 weights, bf16 matmuls); `bf16` (bf16 weights, fp32 optimiser state)."""
+    precision: Literal["fp32", "bf16_autocast"] = "fp32"
+    """`fp32`, or `bf16_autocast` (fp32 weights and optimiser state, bf16 matmuls)."""
 
     seed: int = 0
     log_every: int = Field(default=1, ge=1)

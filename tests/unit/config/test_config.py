@@ -68,8 +68,8 @@ def test_overrides_parse_yaml_values(workdir):
         [
             "train.lr=2e-5",
             "train.betas=[0.8, 0.95]",
-            "train.precision=bf16",
-            "eval.fraction=0.1",  # creates nothing new: eval exists with defaults
+            "train.precision=bf16_autocast",
+            "eval.max_samples=8",  # creates nothing new: eval exists with defaults
             "lora.target_modules=[q_proj, v_proj]",
             "data.sources.0.weight=2",
             "tracking.wandb=off",  # YAML reads `off` as false
@@ -77,8 +77,8 @@ def test_overrides_parse_yaml_values(workdir):
         ],
     )
     assert cfg.train.lr == 2e-5 and cfg.train.betas == (0.8, 0.95)
-    assert cfg.model.dtype == "bfloat16"
-    assert cfg.eval.fraction == 0.1 and cfg.eval.enabled
+    assert cfg.train.precision == "bf16_autocast" and cfg.model.dtype == "float32"
+    assert cfg.eval.max_samples == 8 and not cfg.eval.enabled
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.data.sources[0].weight == 2.0
     assert cfg.tracking.wandb == "off"
@@ -121,10 +121,11 @@ def test_out_of_range_and_missing_key(workdir):
         (["train.betas=[0.9, 1.0]"], "train.betas.1: must be in [0, 1), got 1.0"),
         (["train.grad_accum=2", "train.tokens_per_step=4096"], "train.grad_accum: set train.grad_accum"),
         (["train.steps=null", "data.epochs=null"], "train.steps: null (train until the data ends)"),
-        (["train.precision=bf16", "model.dtype=float32"], "model.dtype: float32 weights do not go"),
+        (["train.precision=fp32", "model.dtype=bfloat16"], "model.dtype: bfloat16 weights do not go"),
+        (["train.precision=bf16"], "train.precision: Input should be 'fp32' or 'bf16_autocast'"),
         (["launcher.address=auto"], "launcher.address: only used with launcher.backend: ray"),
         (["eval.scorer=gsm8k"], "eval.scorer: needs held-out data"),
-        (["eval.fraction=0.9"], "eval.fraction: Input should be less than or equal to 0.5"),
+        (["eval.fraction=0.1"], "eval.fraction: unknown key"),
         (["checkpoint.resume=elsewhere"], "checkpoint.resume: expected 'auto', 'never' or an existing path"),
         (["model.path=nowhere"], "model.path: 'nowhere' is neither an existing directory nor a bundled"),
         (["data.sources.0.path=missing.jsonl"], "data.sources.0.path: no such file or directory: 'missing.jsonl'"),

@@ -1,0 +1,25 @@
+"""Scorers: `(response, reference) -> {metric: value}` functions, looked up by name.
+
+The same functions score held-out generations during SFT evaluation and give verifiable rewards
+in RL. Each returns floats in [0, 1]; `correct` is the headline metric of every scorer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from posttrain.rl.rewards.addition import score_addition
+from posttrain.rl.rewards.gsm8k import score_gsm8k
+
+Scorer = Callable[[str, str], dict[str, float]]
+
+SCORERS: dict[str, Scorer] = {
+    "gsm8k": score_gsm8k,
+    "addition": score_addition,
+}
+
+
+def get_scorer(name: str) -> Scorer:
+    if name not in SCORERS:
+        raise ValueError(f"unknown scorer {name!r}; available: {', '.join(sorted(SCORERS))}")
+    return SCORERS[name]
