@@ -127,11 +127,10 @@ def _launch_ray(
         try:
             group = WorkerGroup(cfg, worker_cls, env_vars=env_vars)
             results = group.call("run_entry", entry, payload_ref, attempt)
+            group.shutdown()  # graceful: ranks leave their process group before the actors go
             return LaunchResult(results=results, restarts=attempt, failures=failures)
         except WorkerGroupError as err:
             failures.append(err.failure)
-            if group is not None:
-                group.shutdown(graceful=False)
             if attempt == cfg.max_restarts:
                 raise LaunchError(failures, cfg.max_restarts) from err
             event = RestartEvent(restart=attempt + 1, max_restarts=cfg.max_restarts, failure=err.failure)
@@ -140,7 +139,7 @@ def _launch_ray(
                 on_restart(event)
             if cfg.restart_backoff_s > 0:
                 time.sleep(cfg.restart_backoff_s)
-        finally:
+        finally:  # failed, interrupted or done: no actor or reservation outlives its attempt
             if group is not None:
-                group.shutdown()
+                group.shutdown(graceful=False)
     raise AssertionError("unreachable")

@@ -59,7 +59,8 @@ class RankSpec:
     master_addr: str
     master_port: int
     cuda_visible_devices: str | None = None
-    """All GPUs the group holds on this node (set before CUDA starts), so NCCL sees its peers."""
+    """All GPUs the group holds on this node (set before CUDA starts), so NCCL sees its peers;
+    `""` for a CPU rank; None leaves the variable alone."""
     device: str | None = None
     """This rank's device within `cuda_visible_devices` (`cuda:i`); None: CPU / default."""
 

@@ -17,6 +17,7 @@ shut it down and build a new one (that is what `launch` does).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -74,10 +75,28 @@ def pick_cause(failures: list[RankFailure]) -> RankFailure:
     return min(failures, key=lambda f: (f.kind != "died", f.rank))
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def remote_traceback(err: RayTaskError, rank: int, role: str) -> str:
+    """Ray's rendering of a remote traceback, as a plain Python traceback naming the rank.
+
+    Ray puts `ray::Class.method() (pid=..., ip=...)` first and leaves caret lines of the frames it
+    hides; this drops the colour codes and those orphan carets.
+    """
+    lines = _ANSI.sub("", str(err)).splitlines()
+    where = lines[0] if lines else ""
+    body = lines[1:]
+    while body and not body[0].strip(" ^"):
+        body.pop(0)
+    return "\n".join([f"Traceback (most recent call last), {role} rank {rank}: {where}", *body])
+
+
 def describe_failure(err: Exception, rank: int, role: str) -> RankFailure:
-    if isinstance(err, RayTaskError):  # str() is Ray's rendering of the remote traceback
+    if isinstance(err, RayTaskError):
         cause = err.cause if isinstance(err.cause, BaseException) else err
-        return RankFailure(rank, role, "error", type(cause).__name__, str(cause), str(err))
+        text = remote_traceback(err, rank, role)
+        return RankFailure(rank, role, "error", type(cause).__name__, str(cause), text)
     kind: Literal["error", "died"] = "died" if isinstance(err, RayError) else "error"
     return RankFailure(rank, role, kind, type(err).__name__, str(err), str(err))
 
@@ -104,7 +123,8 @@ def rank_specs(infos: Sequence[NodeInfo], master_addr: str, master_port: int) ->
     """One `RankSpec` per rank (`infos` already in rank order).
 
     Ranks on a node share one `CUDA_VISIBLE_DEVICES` (the union of their GPUs) so NCCL sees its
-    intra-node peers; each rank's device is its own first GPU's position in that list.
+    intra-node peers; each rank's device is its own first GPU's position in that list. Ranks
+    without GPUs see none (CPU, gloo).
     """
     by_node: dict[str, list[int]] = {}
     for rank, info in enumerate(infos):
@@ -113,7 +133,7 @@ def rank_specs(infos: Sequence[NodeInfo], master_addr: str, master_port: int) ->
     for rank, info in enumerate(infos):
         peers = by_node[info.node_id]
         node_gpus = sorted({g for r in peers for g in infos[r].gpu_ids}, key=_gpu_sort_key)
-        visible, device = None, None
+        visible, device = "", None  # a rank Ray gave no GPU must not pick one up by default
         if info.gpu_ids:
             visible = ",".join(node_gpus)
             device = f"cuda:{node_gpus.index(min(info.gpu_ids, key=_gpu_sort_key))}"

@@ -13,7 +13,9 @@ from posttrain.config.launcher import LauncherConfig
 def entry(payload: dict, env: DistEnv, attempt: int) -> dict:
     t = torch.tensor([1.0])
     dist.all_reduce(t)
-    return {"payload": payload, "rank": env.rank, "world": env.world_size, "attempt": attempt, "sum": t.item()}
+    return {
+        "payload": payload, "rank": env.rank, "world": env.world_size, "attempt": attempt, "sum": t.item()
+    }
 
 
 def failing_entry(payload, env, attempt):

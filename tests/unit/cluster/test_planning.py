@@ -30,7 +30,7 @@ def test_cpu_specs_are_torchrun_style():
     specs = rank_specs([info("n1"), info("n1"), info("n2")], "10.0.0.1", 29500)
     assert [(s.rank, s.local_rank, s.local_world_size) for s in specs] == [(0, 0, 2), (1, 1, 2), (2, 0, 1)]
     assert all(s.world_size == 3 and s.master_addr == "10.0.0.1" and s.master_port == 29500 for s in specs)
-    assert all(s.cuda_visible_devices is None and s.device is None for s in specs)
+    assert all(s.cuda_visible_devices == "" and s.device is None for s in specs)  # no GPU
 
 
 def test_gpu_ranks_on_a_node_share_visibility_and_pick_their_own_device():
@@ -56,13 +56,16 @@ def test_a_dead_rank_is_the_cause_over_its_peers_errors():
 
 def test_describe_failure_of_a_non_ray_exception():
     failure = describe_failure(KeyError("x"), 2, "rollout")
-    assert (failure.rank, failure.role, failure.kind, failure.error_type) == (2, "rollout", "error", "KeyError")
+    assert (failure.rank, failure.role, failure.kind) == (2, "rollout", "error")
+    assert failure.error_type == "KeyError"
 
 
 def test_launch_error_keeps_every_attempt_and_the_last_traceback():
     failures = [
         RankFailure(1, "train", "died", "ActorDiedError", "killed", "actor died"),
-        RankFailure(0, "train", "error", "ValueError", "bad row 7\nmore", "Traceback ...\nValueError: bad row 7"),
+        RankFailure(
+            0, "train", "error", "ValueError", "bad row 7\nmore", "Traceback ...\nValueError: bad row 7"
+        ),
     ]
     text = str(LaunchError(failures, max_restarts=1))
     assert "all 2 attempt(s) (launcher.max_restarts: 1)" in text
@@ -81,3 +84,29 @@ def test_entrypoints_resolve_from_strings():
             resolve_entrypoint(bad)
     with pytest.raises(ValueError, match="not callable"):
         resolve_entrypoint("os:sep")
+
+
+def test_remote_traceback_reads_like_python():
+    from ray.exceptions import RayTaskError
+
+    from posttrain.cluster.worker_group import remote_traceback
+
+    rendered = (
+        "\x1b[36mray::TrainWorker.run_entry()\x1b[39m (pid=7, ip=10.0.0.2)\n"
+        "           ^^^^^^^^^^\n"
+        '  File "recipe.py", line 3, in entry\n'
+        "    raise ValueError('bad')\n"
+        "    ^^^^^^^^^^^^^^^^^^^^^^^\n"
+        "ValueError: bad"
+    )
+    err = RayTaskError("run_entry", rendered, ValueError("bad"))
+    failure = describe_failure(err, 1, "train")
+    assert (failure.kind, failure.error_type, failure.message) == ("error", "ValueError", "bad")
+    assert remote_traceback(err, 1, "train") == failure.traceback
+    assert failure.traceback.splitlines() == [
+        "Traceback (most recent call last), train rank 1: ray::TrainWorker.run_entry() (pid=7, ip=10.0.0.2)",
+        '  File "recipe.py", line 3, in entry',
+        "    raise ValueError('bad')",
+        "    ^^^^^^^^^^^^^^^^^^^^^^^",
+        "ValueError: bad",
+    ]
