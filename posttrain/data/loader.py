@@ -364,28 +364,15 @@ class DataLoader:
     def _start(self) -> None:
         # The worker continues from where the consumer is; the pipeline's own position equals
         # `_consumed` here because the worker is (re)started only after a shutdown or at first use.
-        self._stop.clear()
+        self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=self.prefetch)
-        self._thread = threading.Thread(target=self._work, name="posttrain-data", daemon=True)
+        # The thread holds the pipeline, queue and event but not the loader, so an abandoned
+        # loader is collected and its `__del__` stops the thread.
+        self._thread = threading.Thread(
+            target=_produce, args=(self.pipeline, self._queue, self._stop),
+            name="posttrain-data", daemon=True,
+        )
         self._thread.start()
-
-    def _work(self) -> None:
-        while not self._stop.is_set():
-            try:
-                batch = self.pipeline.next_batch()
-                item: Any = (batch, self.pipeline.snapshot())
-            except StopIteration:
-                item = _END
-            except BaseException as err:  # handed to the consumer, raised there
-                item = err
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if item is _END or isinstance(item, BaseException):
-                return
 
     def _join(self) -> None:
         if self._thread is not None:
@@ -401,16 +388,42 @@ class DataLoader:
         self._thread, self._queue = None, None
 
     def close(self) -> None:
+        """Stop the worker; a later iteration continues right after the last consumed batch."""
+        if self._thread is None:
+            return
         self._shutdown()
-        if self.prefetch:
-            # Rewind the pipeline to what was consumed so a later iteration continues correctly.
-            self.pipeline.restore(self._consumed)
+        self.pipeline.restore(self._consumed)  # the worker had run ahead
+
+    def __del__(self) -> None:
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
 
     def __enter__(self) -> DataLoader:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _produce(pipeline: Pipeline, out: queue.Queue, stop: threading.Event) -> None:
+    """Worker loop: batches with the snapshot taken right after each, then an end marker."""
+    while not stop.is_set():
+        try:
+            batch = pipeline.next_batch()
+            item: Any = (batch, pipeline.snapshot())
+        except StopIteration:
+            item = _END
+        except BaseException as err:  # handed to the consumer, raised there
+            item = err
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        if item is _END or isinstance(item, BaseException):
+            return
 
 
 def build_loader(

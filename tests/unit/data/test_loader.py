@@ -182,3 +182,19 @@ def test_batches_move_with_to(two_sources, byte_tok):
     batch = next(build_loader(config(two_sources, prefetch=0), byte_tok, batch_size=2))
     moved = batch.to(torch.device("cpu"))
     assert moved.cu_seqlens.dtype == torch.int32 and moved.max_seqlen == batch.max_seqlen
+
+
+def test_close_then_continue_and_worker_errors_surface(two_sources, byte_tok, tmp_path):
+    cfg = config(two_sources, epochs=1)
+    full = [as_tuple(b) for b in build_loader(cfg, byte_tok, batch_size=2, seed=5)]
+    loader = build_loader(cfg, byte_tok, batch_size=2, seed=5)
+    head = [as_tuple(next(loader)) for _ in range(2)]
+    loader.close()  # the worker had run ahead; closing rewinds to what was consumed
+    assert head + [as_tuple(b) for b in loader] == full
+
+    from posttrain.data import DataError
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", qa_rows(3) + ['{"question": oops}'])
+    cfg = DataConfig(sources=[{"path": str(bad), "fields": FIELDS}], prefetch=2, max_length=512)
+    with pytest.raises(DataError, match="bad.jsonl:line 4"):
+        list(build_loader(cfg, byte_tok, batch_size=1))
