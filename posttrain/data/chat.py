@@ -407,7 +407,8 @@ class ChatRenderer:
             n = len(self._newline_ids)
             if enc["input_ids"][:n] == self._newline_ids:
                 return enc["input_ids"][n:], [(a - 1, b - 1) for a, b in enc["offset_mapping"][n:]]
-        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=plain)
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True,
+                       split_special_tokens=plain)
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
     def _leading_bos(self) -> list[int]:

@@ -69,7 +69,9 @@ def _load_tokenizer(name: str):
     if not path.exists() and name in hub.BUNDLED:
         path = hub.default_model_dir(name)
         if not hub.is_imported(path):
-            raise FileNotFoundError(f"bundled model {name} is not imported; run `posttrain models import {name}`")
+            raise FileNotFoundError(
+                f"bundled model {name} is not imported; run `posttrain models import {name}`"
+            )
     if not path.exists():
         raise FileNotFoundError(f"tokenizer {name!r} not found (a directory or a bundled model name)")
     return AutoTokenizer.from_pretrained(str(path))

@@ -31,7 +31,10 @@ def trained_runs(sample: Sample) -> list[tuple[list[int], bool]]:
 
 
 def show_sample(sample: Sample, tokenizer, out: TextIO, *, color: bool, title: str) -> None:
-    runs = [(tokenizer.decode(ids, skip_special_tokens=False), trained) for ids, trained in trained_runs(sample)]
+    runs = [
+        (tokenizer.decode(ids, skip_special_tokens=False), trained)
+        for ids, trained in trained_runs(sample)
+    ]
     header = f"--- {title}: {len(sample)} tokens, {sample.num_trained} trained ---"
     if color:
         from rich.console import Console
@@ -73,6 +76,7 @@ def inspect_data(
                         title = f"{preview.source_names[source]} {raw.where}"
                         show_sample(sample, tokenizer, out, color=color, title=title)
                         shown += 1
+        del preview  # closes its open file
 
     pipeline = Pipeline(cfg, tokenizer, batch_size=1)
     while True:

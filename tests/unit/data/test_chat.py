@@ -132,7 +132,8 @@ def test_template_rewrite_expands_one_sample_per_turn(rewriting_tok):
     renderer = ChatRenderer(rewriting_tok, template_rewrite="expand")
     rendered = renderer.render_conversation(check_messages(REASONING, "messages"))
     assert rendered.expanded and len(rendered.samples) == 2
-    for sample, upto, reply in zip(rendered.samples, (2, 4), ("<think>one</think>A1", "<think>two</think>A2")):
+    replies = ("<think>one</think>A1", "<think>two</think>A2")
+    for sample, upto, reply in zip(rendered.samples, (2, 4), replies):
         assert sample.input_ids == hf_ids(rewriting_tok, REASONING[:upto])
         assert trained_text(rewriting_tok, sample) == reply + "<|im_end|>"
 
