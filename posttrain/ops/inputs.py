@@ -1,0 +1,166 @@
+"""Argument checks and labelled-token selection shared by the public ops.
+
+Every op selects the positions it trains on *before* the head: ignored tokens never reach the
+GEMMs, so a batch with 40% prompt tokens costs 60% of the head's FLOPs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Tokens x vocabulary rows per tile: 2,048 x 8,192 fp32 is a 64 MiB tile, large enough that the
+# GEMMs run near peak on CPU and GPU, small enough to be noise next to a model's activations.
+DEFAULT_CHUNK_SIZE = 2048
+DEFAULT_VOCAB_CHUNK_SIZE = 8192
+
+
+@dataclass(frozen=True)
+class Selected:
+    """The labelled positions of a batch, flattened: what the head actually sees."""
+
+    hidden: Tensor  # [n, d], differentiable view of the selected rows
+    targets: Tensor  # [n] int64, all in [0, vocab_size)
+    index: Tensor  # [n] positions in the flattened batch
+    shape: torch.Size  # the batch shape of `labels` ([B, L] or [N])
+    vocab_size: int
+    compute_dtype: torch.dtype
+
+    @property
+    def count(self) -> int:
+        return self.targets.numel()
+
+    def scatter(self, values: Tensor) -> Tensor:
+        """Per-token `values [n]` back to the batch shape, zero at unselected positions."""
+        out = values.new_zeros(self.shape.numel())
+        return out.index_copy(0, self.index, values).view(self.shape)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def check_chunks(chunk_size: int, vocab_chunk_size: int) -> None:
+    for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_head(hidden: Tensor, weight: Tensor, vocab_size: int | None, *, role: str = "") -> int:
+    """Validate `hidden`/`weight` and return the number of real vocabulary rows."""
+    for name, t in ((f"{role}hidden", hidden), (f"{role}weight", weight)):
+        if _is_dtensor(t):
+            raise ValueError(
+                f"{name} is a DTensor; posttrain.ops works on plain tensors. Under FSDP2 call the op "
+                "where the head weight is unsharded (inside the forward of the module that owns it, "
+                "or between the root module's forward and backward), or pass weight.full_tensor() "
+                "and reduce its gradient yourself. See the posttrain.ops module docstring."
+            )
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"{role}weight must be [vocab, hidden], got shape {tuple(weight.shape)}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"{role}hidden must be [B, L, d] or [N, d], got shape {tuple(hidden.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{role}hidden size {hidden.shape[-1]} does not match {role}weight [vocab, hidden] "
+            f"shape {tuple(weight.shape)}; pass the LM head weight (or the tied embedding), not its transpose"
+        )
+    if hidden.device != weight.device:
+        raise ValueError(f"{role}hidden is on {hidden.device} but {role}weight is on {weight.device}")
+    padded = weight.shape[0]
+    if vocab_size is None:
+        return padded
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 0 < vocab_size <= padded:
+        raise ValueError(
+            f"vocab_size must be an int in [1, {padded}] (the rows of the padded head), got {vocab_size!r}"
+        )
+    return vocab_size
+
+
+def compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype of the tile GEMMs: the autocast dtype if autocast is on, else the inputs'."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    if hidden.dtype != weight.dtype:
+        raise ValueError(
+            f"hidden is {hidden.dtype} but weight is {weight.dtype}; cast one of them, or run under "
+            "torch.autocast to compute the head in the autocast dtype"
+        )
+    return hidden.dtype
+
+
+def select(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int,
+    vocab_size: int | None,
+    name: str = "labels",
+) -> Selected:
+    """Check the arguments and keep only the positions whose label is not `ignore_index`."""
+    vocab = check_head(hidden, weight, vocab_size)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor of token ids, got {labels.dtype}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"{name} shape {tuple(labels.shape)} must equal hidden's leading shape "
+            f"{tuple(hidden.shape[:-1])} ({name} are already shifted: {name}[t] is what position t predicts)"
+        )
+    flat = labels.reshape(-1)
+    index = (flat != ignore_index).nonzero().squeeze(1)
+    targets = flat.index_select(0, index).long()
+    if targets.numel():
+        low, high = (int(x) for x in torch.aminmax(targets))
+        if low < 0 or high >= vocab:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"{name} contain id {bad}, outside [0, {vocab}) and not ignore_index={ignore_index}; "
+                "check the tokenizer/model vocabulary, vocab_size, and the ignore_index used by the data"
+            )
+    return Selected(
+        hidden=hidden.reshape(-1, hidden.shape[-1]).index_select(0, index),
+        targets=targets,
+        index=index,
+        shape=labels.shape,
+        vocab_size=vocab,
+        compute_dtype=compute_dtype(hidden, weight),
+    )
+
+
+def reduce(loss: Tensor, sel: Selected, reduction: str, num_valid: int | float | Tensor | None) -> Tensor:
+    """Apply `reduction` to per-token losses `[n]`; "mean" divides by `num_valid` if given."""
+    if reduction == "none":
+        if num_valid is not None:
+            raise ValueError('num_valid only applies to reduction="mean"')
+        return sel.scatter(loss)
+    if reduction == "sum":
+        if num_valid is not None:
+            raise ValueError('num_valid only applies to reduction="mean"')
+        return loss.sum()
+    total = loss.sum()
+    if num_valid is None:
+        return total / max(sel.count, 1)
+    if isinstance(num_valid, Tensor):
+        if num_valid.numel() != 1:
+            raise ValueError(f"num_valid must be a scalar, got shape {tuple(num_valid.shape)}")
+        return total / num_valid.to(device=total.device, dtype=torch.float32).clamp(min=1)
+    if isinstance(num_valid, bool) or not isinstance(num_valid, (int, float)) or num_valid < 0:
+        raise ValueError(
+            f"num_valid must be the global count of trained tokens (a non-negative number or a "
+            f"scalar tensor), got {num_valid!r}"
+        )
+    return total / max(num_valid, 1)
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f'reduction must be "mean", "sum" or "none", got {reduction!r}')
