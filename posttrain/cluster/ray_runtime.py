@@ -12,6 +12,7 @@ from typing import Any
 
 import ray
 
+from posttrain.cluster.worker import DRIVER_CWD_VAR
 from posttrain.config.launcher import LauncherConfig
 
 logger = logging.getLogger("posttrain.cluster")
@@ -35,13 +36,17 @@ def import_paths() -> list[str]:
 
 
 def worker_runtime_env(cfg: LauncherConfig, env_vars: dict[str, str] | None = None) -> dict[str, Any]:
-    """The `runtime_env` every worker actor gets: `PYTHONPATH` (+ `working_dir` when set)."""
-    runtime_env: dict[str, Any] = {
-        "env_vars": {"PYTHONPATH": os.pathsep.join(import_paths()), **(env_vars or {})}
-    }
+    """The `runtime_env` every worker actor gets: `PYTHONPATH` and the driver's working directory,
+    so relative paths in a config mean the same on every rank; or Ray's `working_dir` upload, where
+    relative paths resolve inside the uploaded copy."""
+    variables = {"PYTHONPATH": os.pathsep.join(import_paths())}
+    runtime_env: dict[str, Any] = {"env_vars": variables}
     if cfg.working_dir is not None:
         runtime_env["working_dir"] = cfg.working_dir
         runtime_env["excludes"] = [".git", ".venv", "runs", "__pycache__"]
+    else:
+        variables[DRIVER_CWD_VAR] = os.getcwd()
+    variables.update(env_vars or {})
     return runtime_env
 
 

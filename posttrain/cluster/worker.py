@@ -19,6 +19,9 @@ from typing import Any
 
 from posttrain.cluster.dist_env import DistEnv, destroy_distributed, find_free_port, init_distributed
 
+DRIVER_CWD_VAR = "POSTTRAIN_DRIVER_CWD"
+"""Set by the driver (`ray_runtime.worker_runtime_env`): its working directory."""
+
 Entrypoint = Callable[..., Any] | str
 """A callable, or `"package.module:function"` imported on the worker."""
 
@@ -72,6 +75,9 @@ class Worker:
 
     def __init__(self) -> None:
         self.env: DistEnv | None = None
+        driver_cwd = os.environ.get(DRIVER_CWD_VAR)
+        if driver_cwd and os.path.isdir(driver_cwd):  # same machine or a shared filesystem
+            os.chdir(driver_cwd)
 
     def node_info(self) -> NodeInfo:
         import ray

@@ -44,7 +44,7 @@ def report(payload: str, env: DistEnv, attempt: int) -> dict:
     t = torch.tensor([float(env.rank + 1)])
     dist.all_reduce(t)
     gcs = ray.get_runtime_context().gcs_address
-    return {"rank": env.rank, "sum": t.item(), "payload": payload, "gcs": gcs}
+    return {"rank": env.rank, "sum": t.item(), "payload": payload, "gcs": gcs, "cwd": os.getcwd()}
 
 
 def _wait_for_port(port: int, head: subprocess.Popen, timeout_s: float = 120) -> None:
@@ -85,7 +85,7 @@ def ray_head():
     cmd = [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
            "--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block"]
     head = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, cwd=temp_dir)
     try:
         _wait_for_port(port, head)
         yield port
@@ -103,3 +103,4 @@ def test_address_auto_attaches_to_the_running_head(ray_head):
     assert [r["rank"] for r in results] == [0, 1]
     assert all(r["sum"] == 3.0 and r["payload"] == "hello" for r in results)
     assert all(r["gcs"].endswith(f":{ray_head}") for r in results)  # this head, not a new one
+    assert all(r["cwd"] == str(ROOT) for r in results)  # the driver's, not the head's directory

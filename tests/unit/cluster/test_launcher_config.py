@@ -50,5 +50,7 @@ def test_workers_import_what_the_driver_imports(monkeypatch):
     env = worker_runtime_env(LauncherConfig(backend="ray"), {"NCCL_DEBUG": "WARN"})
     assert env["env_vars"]["PYTHONPATH"].split(os.pathsep) == paths
     assert env["env_vars"]["NCCL_DEBUG"] == "WARN" and "working_dir" not in env
+    assert env["env_vars"]["POSTTRAIN_DRIVER_CWD"] == os.getcwd()  # relative config paths
     shipped = worker_runtime_env(LauncherConfig(backend="ray", working_dir="."))
     assert shipped["working_dir"] == "." and ".venv" in shipped["excludes"]
+    assert "POSTTRAIN_DRIVER_CWD" not in shipped["env_vars"]  # paths resolve in the upload
