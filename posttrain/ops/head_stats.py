@@ -98,6 +98,13 @@ def _logits(h: Tensor, w: Tensor, scale: float) -> Tensor:
     return z.mul_(scale) if scale != 1.0 else z
 
 
+def tile_logsumexp_(z: Tensor) -> Tensor:
+    """Row-wise log-sum-exp that overwrites `z` (one temporary-free pass instead of logsumexp's)."""
+    top = z.amax(1)
+    top = torch.where(torch.isinf(top), 0.0, top)  # rows of -inf (or +inf) must not become NaN here
+    return z.sub_(top.unsqueeze(1)).exp_().sum(1).log_().add_(top)
+
+
 def _add_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """`acc += a @ b` with an fp32 `acc` (a bf16 product is rounded once, then summed in fp32)."""
     if a.dtype == torch.float32:
@@ -179,10 +186,12 @@ def _forward(
                 t = teacher.tile(rows, cols, dtype)
                 q = torch.exp(t - teacher_lse[rows].unsqueeze(1))
                 q_gap[rows] += (t.sub_(z).mul_(q)).sum(1)
-            tile_lse = torch.logsumexp(z, 1)
-            new_lse = torch.logaddexp(run_lse, tile_lse)
             if plan.with_entropy:
+                tile_lse = torch.logsumexp(z, 1)
+                new_lse = torch.logaddexp(run_lse, tile_lse)
                 neg_entropy[rows] = _fold_entropy(neg_entropy[rows], run_lse, z, tile_lse, new_lse)
+            else:
+                new_lse = torch.logaddexp(run_lse, tile_logsumexp_(z))
             run_lse = new_lse
         lse[rows] = run_lse
 

@@ -136,29 +136,37 @@ def select(
     )
 
 
+def denominator(sel: Selected, reduction: str, num_valid: int | float | Tensor | None) -> Tensor:
+    """What the summed loss is divided by: 1 for "sum", else `num_valid` (default: this call's count).
+
+    Clamped to at least 1, so a batch (or global batch) without trained tokens gives 0, not NaN.
+    """
+    device = sel.targets.device
+    if reduction != "mean":
+        if num_valid is not None:
+            raise ValueError('num_valid only applies to reduction="mean"')
+        return torch.ones((), device=device)
+    if num_valid is None:
+        return torch.tensor(float(max(sel.count, 1)), device=device)
+    if isinstance(num_valid, Tensor):
+        if num_valid.numel() != 1:
+            raise ValueError(f"num_valid must be a scalar, got shape {tuple(num_valid.shape)}")
+        return num_valid.reshape(()).to(device=device, dtype=torch.float32).clamp(min=1)
+    if isinstance(num_valid, bool) or not isinstance(num_valid, (int, float)) or num_valid < 0:
+        raise ValueError(
+            f"num_valid must be the global count of trained tokens (a non-negative number or a "
+            f"scalar tensor), got {num_valid!r}"
+        )
+    return torch.tensor(float(max(num_valid, 1)), device=device)
+
+
 def reduce(loss: Tensor, sel: Selected, reduction: str, num_valid: int | float | Tensor | None) -> Tensor:
     """Apply `reduction` to per-token losses `[n]`; "mean" divides by `num_valid` if given."""
     if reduction == "none":
         if num_valid is not None:
             raise ValueError('num_valid only applies to reduction="mean"')
         return sel.scatter(loss)
-    if reduction == "sum":
-        if num_valid is not None:
-            raise ValueError('num_valid only applies to reduction="mean"')
-        return loss.sum()
-    total = loss.sum()
-    if num_valid is None:
-        return total / max(sel.count, 1)
-    if isinstance(num_valid, Tensor):
-        if num_valid.numel() != 1:
-            raise ValueError(f"num_valid must be a scalar, got shape {tuple(num_valid.shape)}")
-        return total / num_valid.to(device=total.device, dtype=torch.float32).clamp(min=1)
-    if isinstance(num_valid, bool) or not isinstance(num_valid, (int, float)) or num_valid < 0:
-        raise ValueError(
-            f"num_valid must be the global count of trained tokens (a non-negative number or a "
-            f"scalar tensor), got {num_valid!r}"
-        )
-    return total / max(num_valid, 1)
+    return loss.sum() / denominator(sel, reduction, num_valid)
 
 
 def check_reduction(reduction: str) -> None:
