@@ -1,7 +1,8 @@
 """Batched sampling with a KV cache, returning token ids and the log-probs of sampled tokens.
 
 Prompts are left-padded into one batch; the prefill writes every prompt's keys/values into a
-preallocated cache, then each step feeds one token per row. Padding is excluded by the attention
+preallocated cache, then each step feeds one token per unfinished row (finished rows leave the
+batch and the cache, so they cost nothing afterwards). Padding is excluded by the attention
 metadata (`padded_attention` over the cache slots), and positions count real tokens only, so a
 row's tokens are the same as if it were generated alone (up to floating-point noise).
 
@@ -180,21 +181,25 @@ def generate(
     tokens: list[list[int]] = [[] for _ in range(batch)]
     logprobs: list[list[float]] = [[] for _ in range(batch)]
     reasons = ["length"] * batch
-    active = list(range(batch))
+    rows = list(range(batch))  # the prompt index of each row still in the batch
     for step in range(max_new_tokens):
         next_tokens, next_logprobs = sample(logits, params, generator)
         chosen, chosen_lp = next_tokens.tolist(), next_logprobs.tolist()
-        still = []
-        for i in active:
-            tokens[i].append(chosen[i])
-            logprobs[i].append(chosen_lp[i])
-            if chosen[i] in eos or stop_strings.matched(tokens[i]):
+        keep = []
+        for position, i in enumerate(rows):
+            tokens[i].append(chosen[position])
+            logprobs[i].append(chosen_lp[position])
+            if chosen[position] in eos or stop_strings.matched(tokens[i]):
                 reasons[i] = "stop"
             else:
-                still.append(i)
-        active = still
-        if not active or step == max_new_tokens - 1:
+                keep.append(position)
+        if not keep or step == max_new_tokens - 1:
             break
+        if len(keep) < len(rows):  # drop finished rows so later steps don't compute them
+            index = torch.tensor(keep, device=device)
+            cache.keep_rows(index)
+            key_mask, lengths, next_tokens = key_mask[index], lengths[index], next_tokens[index]
+            rows = [rows[p] for p in keep]
         slot = prompt_len + step
         key_mask[:, slot] = 1
         attn = padded_attention(key_mask[:, : slot + 1], query_len=1)

@@ -40,3 +40,11 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows `rows` (e.g. the unfinished sequences); copies the used slots."""
+        for store in (self.keys, self.values):
+            for layer, old in enumerate(store):
+                new = old.new_empty((len(rows), *old.shape[1:]))
+                new[:, :, : self.length] = old[rows, :, : self.length]
+                store[layer] = new

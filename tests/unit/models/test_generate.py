@@ -73,6 +73,8 @@ def test_per_sequence_stop(tiny_gemma):
     out = generate(model, tokenizer, PROMPTS, max_new_tokens=16, temperature=0, stop=[stop_token])
     assert out.finish_reasons[0] == "stop"
     assert out.token_ids[0] == free.token_ids[0][: free.token_ids[0].index(stop_token) + 1]
+    for got, full in zip(out.token_ids[1:], free.token_ids[1:]):  # rows continue after row 0 left
+        assert got == (full[: full.index(stop_token) + 1] if stop_token in full else full)
     text = free.texts[1]
     if len(text) >= 4:
         stop_string = text[2:4]
