@@ -11,13 +11,17 @@ every backend without materialising repeated keys.
 * `flex`: FlexAttention with a block mask built from the same rule; compiled on GPU, eager on CPU.
 * `flash_varlen`: flash-attn's varlen kernel over `cu_seqlens`; only when `flash_attn` is
   importable, and not for KV-cache decoding (use `sdpa` there).
+
+`prepare_attention(name, meta, windows)` builds a backend's masks ahead of the layers (the decoder
+calls it once per forward), so the per-layer calls only read them: no mask building and no host
+sync inside blocks that may be compiled. Calling a backend on unprepared metadata still works.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import cache
 
 import torch
@@ -42,9 +46,18 @@ def dense_mask(meta: AttentionMeta, window: int | None) -> torch.Tensor:
     return (allowed[None] & same)[:, None]
 
 
+def _sdpa_causal_fast_path(meta: AttentionMeta, window: int | None) -> bool:
+    return meta.plain_causal and window is None and meta.q_offset == 0
+
+
+def _prepare_sdpa(meta: AttentionMeta, window: int | None) -> None:
+    if not _sdpa_causal_fast_path(meta, window):
+        meta.cached(("sdpa", window), lambda: dense_mask(meta, window))
+
+
 def sdpa_attention(q, k, v, meta: AttentionMeta, window: int | None, scale: float) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]
-    if meta.plain_causal and window is None and meta.q_offset == 0:
+    if _sdpa_causal_fast_path(meta, window):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     mask = meta.cached(("sdpa", window), lambda: dense_mask(meta, window))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
@@ -72,6 +85,10 @@ def _block_mask(meta: AttentionMeta, window: int | None):
     return create_block_mask(
         mask_mod, meta.batch_size, None, meta.q_len, meta.k_len, device=q_seg.device
     )
+
+
+def _prepare_flex(meta: AttentionMeta, window: int | None) -> None:
+    meta.cached(("flex", window), lambda: _block_mask(meta, window))
 
 
 def flex_attention_backend(q, k, v, meta: AttentionMeta, window: int | None, scale: float) -> torch.Tensor:
@@ -117,6 +134,17 @@ BACKENDS: dict[str, Backend] = {
     "flex": flex_attention_backend,
     "flash_varlen": flash_varlen_attention,
 }
+_PREPARE: dict[str, Callable[[AttentionMeta, "int | None"], None]] = {
+    "sdpa": _prepare_sdpa,
+    "flex": _prepare_flex,
+    "flash_varlen": lambda meta, window: meta.varlen_boundaries() and None,
+}
+
+
+def prepare_attention(name: str, meta: AttentionMeta, windows: Iterable[int | None]) -> None:
+    """Build backend `name`'s masks for every window size in `windows` once, up front."""
+    for window in set(windows):
+        _PREPARE[name](meta, window)
 
 
 def flash_attn_available() -> bool:

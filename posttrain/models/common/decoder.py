@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from posttrain.models.common.attention import AttentionMeta, causal_attention, padded_attention
-from posttrain.models.common.backends import get_backend
+from posttrain.models.common.backends import get_backend, prepare_attention
 from posttrain.models.common.config import ModelArgs
 from posttrain.models.common.kv_cache import KVCache
 from posttrain.models.common.mlp import GatedMLP
@@ -50,9 +50,11 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.wq(x).view(batch, length, self.num_heads, self.head_dim)
-        k = self.wk(x).view(batch, length, self.num_kv_heads, self.head_dim)
-        v = self.wv(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        # Head counts come from the projections' widths: under tensor parallelism each rank
+        # holds a slice of the heads (`num_heads / tp`), on one device all of them.
+        q = self.wq(x).view(batch, length, -1, self.head_dim)
+        k = self.wk(x).view(batch, length, -1, self.head_dim)
+        v = self.wv(x).view(batch, length, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -186,6 +188,8 @@ class Decoder(nn.Module):
         backend = self.attention_backend
         if cache is not None and backend == "flash_varlen":
             backend = "sdpa"
+        get_backend(backend)  # fail early on an unknown or unavailable backend
+        prepare_attention(backend, attn, (block.attention.window for block in self.layers))
         h = self.embed(input_ids)
         ropes = {kind: rotary(position_ids, h.dtype) for kind, rotary in self.rotary.items()}
         for block in self.layers:

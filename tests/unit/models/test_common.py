@@ -166,3 +166,12 @@ def test_model_args_validation():
     with pytest.raises(ValueError, match="multiple"):
         tiny_args(num_kv_heads=3)
     assert math.isclose(tiny_args().softmax_scale, 8**-0.5)
+
+
+def test_masks_are_built_once_per_window_before_the_layers():
+    model = Decoder(tiny_args(num_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                              sliding_window=4, rope={"sliding_attention": RopeArgs(), "full_attention": RopeArgs()}))
+    model.init_weights()
+    meta = packed_attention(torch.tensor([0, 5, 12], dtype=torch.int32), 7, 1, 12)
+    model(torch.randint(0, 100, (1, 12)), attn=meta)
+    assert set(meta.masks) == {("sdpa", None), ("sdpa", 4)}
