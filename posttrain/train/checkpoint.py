@@ -66,7 +66,7 @@ def get_rng_state() -> dict[str, Any]:
     """Python, NumPy, torch CPU and (when initialised) CUDA generator states of this process."""
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_state_to_plain(np.random.get_state()),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -74,9 +74,20 @@ def get_rng_state() -> dict[str, Any]:
     return state
 
 
+def _numpy_state_to_plain(state: tuple) -> tuple:
+    """NumPy's legacy RNG state with its key array as a tensor, so `weights_only` loading works."""
+    name, keys, pos, has_gauss, cached = state
+    return (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+
+
+def _numpy_state_from_plain(state: tuple) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(_numpy_state_from_plain(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -378,8 +389,8 @@ def load_checkpoint(
         dcp.load({"app": app_state}, checkpoint_id=checkpoint, no_dist=not distributed)
     per_rank = rank_file(checkpoint, rank)
     if per_rank.is_file():
-        # Our own file (pickled like DCP's own non-tensor values): loader state may be any object.
-        app_state.load_rank_state_dict(torch.load(per_rank, weights_only=False))
+        # Tensors, RNG tuples and the loader's JSON-like state: no arbitrary objects are unpickled.
+        app_state.load_rank_state_dict(torch.load(per_rank, weights_only=True))
     elif strict_rank_state:
         raise ValueError(
             f"{checkpoint} was saved by {meta.get('world_size')} ranks and has no state for rank "
