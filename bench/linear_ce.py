@@ -1,0 +1,201 @@
+"""Chunked linear cross-entropy vs the naive full-logits path (and TRL's chunked log-prob kernel).
+
+Each (variant, shape) runs in a fresh subprocess that builds the same bf16 inputs from one seed,
+resets the kernel's peak-RSS mark (/proc/self/clear_refs), runs forward+backward once and records
+the peak RSS growth over the inputs, then times `--reps` more forward+backward passes (median).
+
+Variants:
+  naive         F.cross_entropy(hidden @ W.T, labels, ignore_index=-100) on all tokens
+  naive-sel     the same on the labelled tokens only (separates selection from chunking)
+  ours          posttrain.ops.linear_cross_entropy (logits recomputed in backward)
+  ours-gif      the same with grads_in_forward=True: gradients computed in the forward, 3 GEMMs per tile
+  trl           trl.kernels.ChunkedLogProbFunction on the labelled tokens, loss = -mean(logprobs)
+
+    python bench/linear_ce.py                                  # both shapes, all variants
+    python bench/linear_ce.py --shapes 49152x576 --variants naive,ours
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from posttrain.ops import linear_cross_entropy  # noqa: E402
+from posttrain.ops.inputs import DEFAULT_CHUNK_SIZE, DEFAULT_VOCAB_CHUNK_SIZE  # noqa: E402
+
+VARIANTS = ("naive", "naive-sel", "ours", "ours-gif", "trl")
+IGNORE = -100
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+def naive(hidden, weight, labels, args):
+    logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
+    return F.cross_entropy(logits, labels.reshape(-1), ignore_index=IGNORE)
+
+
+def naive_selected(hidden, weight, labels, args):
+    mask = labels.reshape(-1) != IGNORE
+    h = hidden.reshape(-1, hidden.shape[-1])[mask]
+    return F.cross_entropy(h @ weight.t(), labels.reshape(-1)[mask])
+
+
+def ours(hidden, weight, labels, args):
+    return linear_cross_entropy(
+        hidden, weight, labels, chunk_size=args.chunk_size, vocab_chunk_size=args.vocab_chunk_size
+    )
+
+
+def ours_grads_in_forward(hidden, weight, labels, args):
+    return linear_cross_entropy(
+        hidden, weight, labels, chunk_size=args.chunk_size, vocab_chunk_size=args.vocab_chunk_size,
+        grads_in_forward=True,
+    )  # fmt: skip
+
+
+def trl(hidden, weight, labels, args):
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    mask = labels.reshape(-1) != IGNORE
+    h = hidden.reshape(-1, hidden.shape[-1])[mask]
+    logprobs = ChunkedLogProbFunction.apply(
+        h, weight, None, labels.reshape(-1)[mask], 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ()
+    )[0]
+    return -logprobs.sum() / max(int(mask.sum()), 1)
+
+
+RUNNERS = {"naive": naive, "naive-sel": naive_selected, "ours": ours, "ours-gif": ours_grads_in_forward, "trl": trl}
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+def worker(args) -> None:
+    vocab, dim = args.shape
+    torch.manual_seed(0)
+    n = args.tokens
+    batch = 4 if n % 4 == 0 else 1
+    hidden = torch.randn(batch, n // batch, dim, dtype=torch.bfloat16).requires_grad_()
+    weight = (torch.randn(vocab, dim, dtype=torch.bfloat16) * dim**-0.5).requires_grad_()
+    labels = torch.randint(0, vocab, (batch, n // batch))
+    ignored = torch.randperm(n)[: round(args.ignore * n)]
+    labels.view(-1)[ignored] = IGNORE
+    run = RUNNERS[args.variant]
+
+    def step() -> float:
+        hidden.grad = weight.grad = None
+        loss = run(hidden, weight, labels, args)
+        loss.backward()
+        return float(loss)
+
+    _reset_peak_rss()
+    base = _status_kib("VmRSS")
+    loss = step()
+    peak_mib = (_status_kib("VmHWM") - base) / 1024
+    grad_norms = [float(hidden.grad.float().norm()), float(weight.grad.float().norm())]
+    times = []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    print(
+        json.dumps(
+            dict(peak_mib=peak_mib, times=times, median_s=statistics.median(times), loss=loss, grad_norms=grad_norms)
+        )
+    )
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _shape(text: str) -> tuple[int, int]:
+    vocab, dim = text.lower().split("x")
+    return int(vocab), int(dim)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="262144x640,49152x576", help="comma-separated VOCABxHIDDEN")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--ignore", type=float, default=0.4, help="fraction of labels set to -100")
+    p.add_argument("--reps", type=int, default=3, help="timed reps after the warm-up/memory rep")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    p.add_argument("--vocab-chunk-size", type=int, default=DEFAULT_VOCAB_CHUNK_SIZE)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--shape", type=_shape, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        worker(args)
+        return
+
+    variants = args.variants.split(",")
+    unknown = set(variants) - set(RUNNERS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; choose from {list(RUNNERS)}")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}, commit {commit.stdout.strip() or '?'}, {os.cpu_count()} CPUs, "
+          f"load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 inputs, {args.tokens} tokens, "
+          f"{args.ignore:.0%} ignored, reps={args.reps}, chunk={args.chunk_size}x{args.vocab_chunk_size}", flush=True)
+    rows = []
+    for shape in args.shapes.split(","):
+        vocab, dim = _shape(shape)
+        results = {}
+        for variant in variants:
+            cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--shape", shape]
+            for flag in ("tokens", "ignore", "reps", "chunk_size", "vocab_chunk_size", "threads"):
+                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            if proc.returncode != 0:
+                print(f"{variant} {shape}: failed\n{proc.stderr[-2000:]}", flush=True)
+                continue
+            results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+            r = results[variant]
+            print(f"  {variant:13s} {shape:>11s}  peak {r['peak_mib']:9.1f} MiB  median {r['median_s']:7.2f} s  "
+                  f"loss {r['loss']:.5f}  |grad h| {r['grad_norms'][0]:.4f}  |grad W| {r['grad_norms'][1]:.4f}",
+                  flush=True)  # fmt: skip
+        base = results.get("naive")
+        for variant, r in results.items():
+            mem_ratio = base["peak_mib"] / r["peak_mib"] if base else float("nan")
+            time_ratio = r["median_s"] / base["median_s"] if base else float("nan")
+            rows.append((variant, vocab, dim, r["peak_mib"], mem_ratio, r["median_s"], time_ratio, r["loss"]))
+
+    print()
+    print("| variant | vocab | hidden | peak RSS growth (MiB) | naive / variant memory | median fwd+bwd (s) | time vs naive | loss |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for variant, vocab, dim, peak, mem_ratio, med, time_ratio, loss in rows:
+        print(f"| {variant} | {vocab:,} | {dim} | {peak:,.0f} | {mem_ratio:.1f}x | {med:.2f} | {time_ratio:.2f}x | {loss:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
