@@ -1,6 +1,8 @@
 """Batched sampling with a KV cache, returning token ids and the log-probs of sampled tokens.
 
-Prompts are left-padded into one batch; the prefill writes every prompt's keys/values into a
+Prompts are left-padded into one batch (`prefill="left"`), or run as one packed row without any
+padding and scattered into the left-padded cache layout (`prefill="packed"`, less work when prompt
+lengths differ); the prefill writes every prompt's keys/values into a
 preallocated cache, then each step feeds one token per unfinished row (finished rows leave the
 batch and the cache, so they cost nothing afterwards). Padding is excluded by the attention
 metadata (`padded_attention` over the cache slots), and positions count real tokens only, so a
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.models.common.attention import padded_attention
+from posttrain.models.common.attention import packed_attention, padded_attention
 from posttrain.models.common.decoder import Decoder
 
 Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
@@ -136,6 +138,23 @@ class _StopStrings:
         return text if cut < 0 else text[:cut]
 
 
+def _packed_prefill(model: Decoder, cache, prompt_ids: list[list[int]], prompt_len: int, device) -> torch.Tensor:
+    """Run all prompts as one packed row, storing keys/values right-aligned per batch row;
+    returns the last-token logits [B, V]."""
+    lengths = torch.tensor([len(p) for p in prompt_ids], device=device)
+    flat = torch.tensor([t for p in prompt_ids for t in p], device=device)
+    rows = torch.repeat_interleave(torch.arange(len(prompt_ids), device=device), lengths)
+    ends = lengths.cumsum(0)
+    starts = ends - lengths
+    offsets = torch.arange(len(flat), device=device) - starts[rows]  # position within the prompt
+    slots = prompt_len - lengths[rows] + offsets
+    cu_seqlens = torch.cat([ends.new_zeros(1), ends]).to(torch.int32)
+    attn = packed_attention(cu_seqlens, int(lengths.max()), 1, len(flat))
+    cache.scatter_next(rows, slots, prompt_len)
+    hidden = model(flat[None], offsets[None], attn, cache)
+    return model.logits(hidden[0, ends - 1])
+
+
 @torch.no_grad()
 def generate(
     model: Decoder,
@@ -147,6 +166,7 @@ def generate(
     top_k: int = 0,
     stop: Sequence[str | int] | None = None,
     seed: int = 0,
+    prefill: str = "left",
 ) -> GenerationOutput:
     """Sample up to `max_new_tokens` for every prompt in one batch.
 
@@ -156,6 +176,8 @@ def generate(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    if prefill not in ("left", "packed"):
+        raise ValueError(f"prefill must be 'left' or 'packed'; got {prefill!r}")
     params = SamplingParams(temperature, top_p, top_k)
     prompt_ids = tokenize_prompts(tokenizer, prompts)
     eos = stop_token_ids(model, tokenizer, stop)
@@ -174,9 +196,12 @@ def generate(
     lengths = torch.tensor([len(p) for p in prompt_ids], device=device)
 
     cache = model.new_cache(batch, prompt_len + max_new_tokens)
-    positions = (key_mask[:, :prompt_len].cumsum(1) - 1).clamp(min=0)
-    hidden = model(input_ids, positions, padded_attention(key_mask[:, :prompt_len]), cache)
-    logits = model.logits(hidden[:, -1])
+    if prefill == "packed":
+        logits = _packed_prefill(model, cache, prompt_ids, prompt_len, device)
+    else:
+        positions = (key_mask[:, :prompt_len].cumsum(1) - 1).clamp(min=0)
+        hidden = model(input_ids, positions, padded_attention(key_mask[:, :prompt_len]), cache)
+        logits = model.logits(hidden[:, -1])
 
     tokens: list[list[int]] = [[] for _ in range(batch)]
     logprobs: list[list[float]] = [[] for _ in range(batch)]

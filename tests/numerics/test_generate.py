@@ -49,12 +49,13 @@ def test_greedy_matches_transformers_on_smollm2(smollm2_dir):
     assert all(len(t) == 32 or r == "stop" for t, r in zip(ours.token_ids, ours.finish_reasons))
 
 
-@pytest.mark.parametrize("max_new_tokens", [24])
-def test_greedy_matches_transformers_on_tiny_families(tiny_checkpoint, max_new_tokens):
+@pytest.mark.parametrize("prefill", ["left", "packed"])
+def test_greedy_matches_transformers_on_tiny_families(tiny_checkpoint, prefill, max_new_tokens=24):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
     prompts = [[{"role": "user", "content": q}] for q in CHAT_QUESTIONS[:4]]
-    ours = generate(load_hf(tiny_checkpoint), tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0)
+    ours = generate(load_hf(tiny_checkpoint), tokenizer, prompts, max_new_tokens=max_new_tokens,
+                    temperature=0, prefill=prefill)
     expected = transformers_greedy(tiny_checkpoint, prompts, max_new_tokens, {tokenizer.eos_token_id})
     assert ours.token_ids == expected

@@ -28,9 +28,22 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
         self.length = 0
+        self._scatter: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    def scatter_next(self, rows: torch.Tensor, slots: torch.Tensor, new_length: int) -> None:
+        """Make the next forward a packed prefill: its single row holds several prompts, token `t`
+        is stored at batch row `rows[t]`, slot `slots[t]`, and afterwards `new_length` slots count
+        as used. The forward itself attends within the packed row (use `packed_attention`)."""
+        self._scatter = (rows, slots, new_length)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store `k, v [B, Hkv, L, D]` after the cached slots; return all keys/values so far."""
+        """Store `k, v [B, Hkv, L, D]` after the cached slots; return all keys/values so far
+        (during a packed prefill: store them scattered and return them unchanged)."""
+        if self._scatter is not None:
+            rows, slots, _ = self._scatter
+            self.keys[layer][rows, :, slots] = k[0].transpose(0, 1)
+            self.values[layer][rows, :, slots] = v[0].transpose(0, 1)
+            return k, v
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} slots; {end} needed")
@@ -39,6 +52,9 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def advance(self, n: int) -> None:
+        if self._scatter is not None:
+            self.length, self._scatter = self._scatter[2], None
+            return
         self.length += n
 
     def keep_rows(self, rows: torch.Tensor) -> None:

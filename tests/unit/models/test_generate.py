@@ -90,3 +90,14 @@ def test_prompt_forms(tiny_gemma):
     assert out.prompt_ids[1] == [5, 6, 7]
     with pytest.raises(ValueError, match="empty"):
         generate(model, tokenizer, [[]], max_new_tokens=2)
+
+
+def test_packed_prefill_matches_left_padded(tiny_gemma):
+    model, tokenizer = tiny_gemma
+    left = generate(model, tokenizer, PROMPTS, max_new_tokens=10, temperature=0)
+    packed = generate(model, tokenizer, PROMPTS, max_new_tokens=10, temperature=0, prefill="packed")
+    assert packed.token_ids == left.token_ids
+    for a, b in zip(packed.logprobs, left.logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="prefill"):
+        generate(model, tokenizer, PROMPTS, max_new_tokens=2, prefill="right")
