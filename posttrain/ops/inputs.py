@@ -57,10 +57,11 @@ def check_head(hidden: Tensor, weight: Tensor, vocab_size: int | None, *, role: 
     for name, t in ((f"{role}hidden", hidden), (f"{role}weight", weight)):
         if _is_dtensor(t):
             raise ValueError(
-                f"{name} is a DTensor; posttrain.ops works on plain tensors. Under FSDP2 call the op "
-                "where the head weight is unsharded (inside the forward of the module that owns it, "
-                "or between the root module's forward and backward), or pass weight.full_tensor() "
-                "and reduce its gradient yourself. See the posttrain.ops module docstring."
+                f"{name} is a DTensor (a sharded FSDP2/TP parameter); posttrain.ops needs the full head "
+                "weight as a plain tensor. Keep the LM head (and a tied embedding) in the root fully_shard "
+                "unit and call the op after the model's forward: FSDP2 keeps root parameters unsharded "
+                "until backward. Or call it inside the forward of the module that owns the head. "
+                "See the posttrain.ops docstring."
             )
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
