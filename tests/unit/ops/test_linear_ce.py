@@ -243,3 +243,20 @@ def test_user_mistakes_raise_value_error(mutate, kwargs, match):
     hidden, weight, labels = mutate(*make_inputs())
     with pytest.raises(ValueError, match=match):
         linear_cross_entropy(hidden, weight, labels, **kwargs)
+
+
+def test_dtensor_weight_is_refused_with_the_fsdp2_contract(tmp_path):
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group of its own")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        hidden, weight, labels = make_inputs()
+        sharded = distribute_tensor(weight.detach(), init_device_mesh("cpu", (1,)), [Shard(0)])
+        with pytest.raises(ValueError, match="root fully_shard unit"):
+            linear_cross_entropy(hidden, sharded, labels)
+    finally:
+        dist.destroy_process_group()
