@@ -240,3 +240,27 @@ def test_bad_config_fails_before_any_model_loads(tiny_checkpoints, task_dir, tmp
     cfg_path = write_config(tmp_path / "cfg.yaml", tiny_checkpoints["llama"], task_dir, tmp_path)
     assert main(["sft", str(cfg_path), *overrides]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_checkpoints, task_dir, tmp_path):
+    cfg_path = write_config(
+        tmp_path / "cfg.yaml", tiny_checkpoints["llama"], task_dir, tmp_path,
+        train={"steps": 400, "schedule": "constant"},
+        checkpoint={"resume": "auto"},
+        tracking={"jsonl": True},
+    )
+    proc = _run_cli(cfg_path)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["status"] == "stopped" and 3 <= summary["steps"] < 400
+    checkpoint = tmp_path / "run" / "checkpoints" / f"step_{summary['steps']}"
+    assert (checkpoint / "meta.json").exists()
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists()
