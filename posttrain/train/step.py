@@ -5,6 +5,10 @@ The loss of a step is the sum of per-token losses over every trained token of th
 therefore back-propagates `local_sum * world_size / global_tokens`: data-parallel wrappers average
 gradients over ranks, which divides by `world_size` again, so the result does not depend on how the
 tokens were split between micro-batches and ranks.
+
+With tensor parallelism the data-parallel ranks are a subgroup (`dp_group`): the ranks of one
+tensor-parallel group see the same batch, so counts and losses are reduced over `dp_group` only,
+and the loss is scaled by its size (FSDP2 averages gradients over that dimension).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 
 class MicroBatch(Protocol):
@@ -48,14 +53,17 @@ def autocast_context(precision: str, device_type: str) -> contextlib.AbstractCon
     return contextlib.nullcontext()
 
 
-def _world() -> tuple[int, bool]:
+def _world(group: dist.ProcessGroup | None = None) -> tuple[int, bool]:
+    """Size of `group` (default: the world) and whether a process group is up."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), True
+        return dist.get_world_size(group), True
     return 1, False
 
 
-def global_counts(micro_batches: Sequence[MicroBatch], device: torch.device) -> list[int]:
-    """(tokens, trained tokens, documents) summed over micro-batches and ranks."""
+def global_counts(
+    micro_batches: Sequence[MicroBatch], device: torch.device, group: dist.ProcessGroup | None = None
+) -> list[int]:
+    """(tokens, trained tokens, documents) summed over micro-batches and the ranks of `group`."""
     counts = torch.tensor(
         [
             sum(mb.num_tokens for mb in micro_batches),
@@ -65,10 +73,51 @@ def global_counts(micro_batches: Sequence[MicroBatch], device: torch.device) -> 
         dtype=torch.int64,
         device=device,
     )
-    world_size, distributed = _world()
+    world_size, distributed = _world(group)
     if distributed and world_size > 1:
-        dist.all_reduce(counts)
+        dist.all_reduce(counts, group=group)
     return [int(c) for c in counts.tolist()]
+
+
+def _grad_norm(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """Total norm of gradients that may be DTensors on different meshes (FSDP over TP leaves
+    norms and embeddings on the data-parallel mesh, the split matrices on both)."""
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for g in grads:
+        key = (id(g.device_mesh), g.placements) if isinstance(g, DTensor) else None
+        groups.setdefault(key, []).append(g)
+    norms = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm(group, norm_type)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    return torch.nn.utils.get_total_norm(norms, norm_type)
+
+
+def _grads_to_param_layout(params: list[nn.Parameter]) -> None:
+    """Reduce `Partial` DTensor gradients to their parameter's placements.
+
+    Under tensor parallelism a weight replicated over the ranks but applied to sharded
+    activations (per-head norms, a colwise layer's `lora_A`) gets each rank's share of its
+    gradient; FSDP2 sums it when it wraps the model, without FSDP it is summed here.
+    """
+    for p in params:
+        if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+            p.grad = p.grad.redistribute(placements=p.placements)
+
+
+def _clip_grads(params: list[nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """Clip to `max_norm` (None: only measure); returns the total norm before clipping."""
+    grads = [p.grad for p in params]
+    if not any(isinstance(g, DTensor) for g in grads):
+        if max_norm is not None and max_norm > 0:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return torch.nn.utils.get_total_norm(grads)
+    total = _grad_norm(grads)
+    if max_norm is not None and max_norm > 0:
+        coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        for g in grads:
+            g.mul_(coef)
+    return total
 
 
 def train_step(
@@ -80,11 +129,15 @@ def train_step(
     grad_clip: float | None,
     precision: str = "fp32",
     device: torch.device | str = "cpu",
+    dp_group: dist.ProcessGroup | None = None,
 ) -> StepStats:
-    """Forward/backward every micro-batch, clip, and step the optimiser (not the scheduler)."""
+    """Forward/backward every micro-batch, clip, and step the optimiser (not the scheduler).
+
+    `dp_group`: the data-parallel ranks (default: all ranks).
+    """
     device = torch.device(device)
-    world_size, distributed = _world()
-    tokens, trained, documents = global_counts(micro_batches, device)
+    world_size, distributed = _world(dp_group)
+    tokens, trained, documents = global_counts(micro_batches, device, dp_group)
     num_valid = max(trained, 1)
     loss_total = torch.zeros((), dtype=torch.float32, device=device)
     model.train()
@@ -94,14 +147,10 @@ def train_step(
         (loss * world_size).backward()
         loss_total += loss.detach().float()
     if distributed and world_size > 1:
-        dist.all_reduce(loss_total)
+        dist.all_reduce(loss_total, group=dp_group)
     params = [p for p in model.parameters() if p.grad is not None]
-    if grad_clip is not None and grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
-        grad_norm = grad_norm.full_tensor()
+    _grads_to_param_layout(params)
+    grad_norm = _clip_grads(params, grad_clip)
     grad_norm_value = float(grad_norm)
     skipped = not math.isfinite(grad_norm_value)
     if not skipped:
@@ -125,10 +174,11 @@ def eval_loss(
     *,
     precision: str = "fp32",
     device: torch.device | str = "cpu",
+    dp_group: dist.ProcessGroup | None = None,
 ) -> float:
-    """Mean per-token loss over `batches` (all ranks), without gradients."""
+    """Mean per-token loss over `batches` (all data-parallel ranks), without gradients."""
     device = torch.device(device)
-    _, trained, _ = global_counts(batches, device)
+    _, trained, _ = global_counts(batches, device, dp_group)
     if trained == 0:
         return float("nan")
     total = torch.zeros((), dtype=torch.float32, device=device)
@@ -137,8 +187,8 @@ def eval_loss(
     for mb in batches:
         with autocast_context(precision, device.type):
             total += loss_fn(model, mb, trained).float()
-    world_size, distributed = _world()
+    world_size, distributed = _world(dp_group)
     if distributed and world_size > 1:
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=dp_group)
     model.train(was_training)
     return float(total)
