@@ -14,6 +14,7 @@ from posttrain.config.eval import EvalConfig
 from posttrain.config.launcher import LauncherConfig
 from posttrain.config.lora import LoraConfig
 from posttrain.config.model import ModelConfig
+from posttrain.config.parallel import ParallelConfig
 from posttrain.config.tracking import TrackingConfig
 from posttrain.config.train import TrainConfig
 
@@ -62,6 +63,7 @@ class SFTConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @property

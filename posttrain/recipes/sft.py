@@ -16,16 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from posttrain.cluster.dist_env import DistEnv, init_distributed
 from posttrain.config import SFTConfig, config_hash, save_resolved
 from posttrain.data.loader import DataLoader, build_loader
 from posttrain.models import hub
-from posttrain.models.hf import load_hf, save_hf
+from posttrain.models.hf import build_meta_model, load_hf, read_hf_config, save_hf
 from posttrain.models.lora import apply_lora, lora_modules, merge_lora, save_peft_adapter
 from posttrain.parallel.checkpointing import apply_activation_checkpointing
 from posttrain.parallel.compile import apply_compile
+from posttrain.parallel.export import gather_lora_adapters, save_hf_sharded
+from posttrain.parallel.load import init_lora_adapters, is_distributed, load_sharded, lora_initializer
+from posttrain.parallel.mesh import DataParallel, data_parallel, mesh_for_run
+from posttrain.parallel.parallelize import parallelize_model
 from posttrain.tracking import Tracker
 from posttrain.train.checkpoint import AppState, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.train.evaluation import generation_scores, held_out_batches, held_out_prompts
@@ -64,9 +70,18 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool):
     return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
 
 
-def build_model(cfg: SFTConfig, model_dir: Path, device: torch.device) -> nn.Module:
-    """Load, adapt (LoRA), then apply activation checkpointing and compile, in that order."""
-    model = load_hf(model_dir, device=device, dtype=DTYPES[cfg.model.dtype], attention_backend=cfg.model.attention)
+def build_model(cfg: SFTConfig, model_dir: Path, device: torch.device, mesh: DeviceMesh | None = None) -> nn.Module:
+    """Load, adapt (LoRA), then apply TP, activation checkpointing, compile and FSDP, in that order.
+
+    Without a mesh the model is loaded whole on `device`. With one it is built on `meta`,
+    parallelised, and each rank reads only its own slices of the checkpoint.
+    """
+    dtype = DTYPES[cfg.model.dtype]
+    if mesh is None:
+        model = load_hf(model_dir, device=device, dtype=dtype, attention_backend=cfg.model.attention)
+    else:
+        source, args = read_hf_config(model_dir)
+        model = build_meta_model(args, cfg.model.attention).to(dtype)
     check_supported(model)
     if cfg.lora.enabled:
         apply_lora(
@@ -77,6 +92,13 @@ def build_model(cfg: SFTConfig, model_dir: Path, device: torch.device) -> nn.Mod
             target_modules=cfg.lora.target_modules,
             trainable_modules=cfg.lora.trainable_modules,
         )
+    if mesh is not None:
+        parallelize_model(model, mesh, cfg.parallel, activation_checkpointing=cfg.model.activation_checkpointing,
+                          compile=cfg.model.compile)
+        init = lora_initializer(model, cfg.train.seed) if cfg.lora.enabled else None
+        return load_sharded(model, source, device, init_missing=init)
+    if cfg.lora.enabled:
+        init_lora_adapters(model, cfg.train.seed)  # the same adapters at every world size
     if cfg.model.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.model.compile:
@@ -84,11 +106,11 @@ def build_model(cfg: SFTConfig, model_dir: Path, device: torch.device) -> nn.Mod
     return model
 
 
-def count_batches(cfg: SFTConfig, tokenizer, env: DistEnv) -> int:
+def count_batches(cfg: SFTConfig, tokenizer, dp: DataParallel) -> int:
     """Batches one pass of the configured epochs yields on this rank (renders the data once)."""
     data = cfg.data.model_copy(update={"prefetch": 0})
-    with build_loader(data, tokenizer, batch_size=cfg.train.micro_batch_size, rank=env.rank,
-                      world_size=env.world_size, seed=cfg.train.seed) as loader:
+    with build_loader(data, tokenizer, batch_size=cfg.train.micro_batch_size, rank=dp.rank,
+                      world_size=dp.size, seed=cfg.train.seed) as loader:
         return sum(1 for _ in loader)
 
 
@@ -106,20 +128,29 @@ def _our_name(name: str) -> str:
 
 
 def export_model(cfg: SFTConfig, model: nn.Module, model_dir: Path, out: Path) -> Path:
-    """`export/`: the merged model as an HF directory; with LoRA also `export/adapter/` (PEFT)."""
+    """`export/`: the merged model as an HF directory; with LoRA also `export/adapter/` (PEFT).
+
+    A sharded model is gathered tensor by tensor: every rank calls this, rank 0 writes.
+    """
+    sharded = is_distributed(model)
     if cfg.lora.enabled:
         from posttrain.models.registry import spec_for_model_type
 
         spec = spec_for_model_type(model.hf_source.model_type)
-        save_peft_adapter(
-            model,
-            out / "adapter",
-            to_hf_name=lambda name: spec.key_map.to_hf(_our_name(name)),
-            base_model_path=str(model_dir),
-            rank=cfg.lora.rank,
-            alpha=cfg.lora.alpha,
-            dropout=cfg.lora.dropout,
-        )
+        adapters = gather_lora_adapters(model) if sharded else model
+        if not sharded or dist.get_rank() == 0:
+            save_peft_adapter(
+                adapters,
+                out / "adapter",
+                to_hf_name=lambda name: spec.key_map.to_hf(_our_name(name)),
+                base_model_path=str(model_dir),
+                rank=cfg.lora.rank,
+                alpha=cfg.lora.alpha,
+                dropout=cfg.lora.dropout,
+            )
+    if sharded:
+        return save_hf_sharded(model, out, tokenizer_dir=model_dir)  # merges LoRA tensor by tensor
+    if cfg.lora.enabled:
         merge_lora(model)
     save_hf(model, out, tokenizer_dir=model_dir)
     return out
@@ -157,15 +188,17 @@ def run_sft(cfg: SFTConfig, env: DistEnv | None = None, attempt: int = 0) -> SFT
 
     model_dir = resolve_model_dir(cfg.model.path)
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
-    model = build_model(cfg, model_dir, device)
-    per_step = cfg.train.grad_accum_steps(cfg.data.max_length, env.world_size)
+    mesh = mesh_for_run(cfg.parallel, env.world_size, device)
+    dp = data_parallel(mesh)  # the ranks of one tensor-parallel group read the same rows
+    model = build_model(cfg, model_dir, device, mesh)
+    per_step = cfg.train.grad_accum_steps(cfg.data.max_length, dp.size)
     total_steps = cfg.train.steps
     if total_steps is None:
-        total_steps = -(-count_batches(cfg, tokenizer, env) // per_step)
+        total_steps = -(-count_batches(cfg, tokenizer, dp) // per_step)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
-    loader = build_loader(cfg.data, tokenizer, batch_size=cfg.train.micro_batch_size, rank=env.rank,
-                          world_size=env.world_size, seed=cfg.train.seed)
+    loader = build_loader(cfg.data, tokenizer, batch_size=cfg.train.micro_batch_size, rank=dp.rank,
+                          world_size=dp.size, seed=cfg.train.seed)
     counters: dict[str, Any] = {"step": 0, "tokens": 0, "trained_tokens": 0, "restarts": attempt}
     app_state = AppState(model, optimizer, scheduler, loader, counters)
 
@@ -181,7 +214,7 @@ def run_sft(cfg: SFTConfig, env: DistEnv | None = None, attempt: int = 0) -> SFT
     train_head = (not cfg.lora.enabled) or model.head_weight.requires_grad
     peak = peak_for_precision(cfg.train.precision, device.type)
 
-    evaluator = _Evaluator(cfg, tokenizer, env) if cfg.eval.enabled else None
+    evaluator = _Evaluator(cfg, tokenizer, env, dp, sharded=mesh is not None) if cfg.eval.enabled else None
     result = SFTResult(run_dir=str(run_dir), steps=start_step, status="finished")
     hparams = {"config_hash": config_hash(cfg), "total_steps": total_steps}
     stop = install_stop_handler()
@@ -200,7 +233,7 @@ def run_sft(cfg: SFTConfig, env: DistEnv | None = None, attempt: int = 0) -> SFT
                 result.status = "data_exhausted"
                 break
             stats = train_step(model, optimizer, micro, loss_fn, grad_clip=cfg.train.grad_clip,
-                               precision=cfg.train.precision, device=device)
+                               precision=cfg.train.precision, device=device, dp_group=dp.group)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             elapsed = time.perf_counter() - started
@@ -257,8 +290,9 @@ def run_sft(cfg: SFTConfig, env: DistEnv | None = None, attempt: int = 0) -> SFT
         if evaluator is not None and not (cfg.eval.every_steps and result.steps % cfg.eval.every_steps == 0 and result.steps > start_step):
             result.eval = evaluator.run(model)
             tracker.log(result.steps, {f"eval/{k}": v for k, v in result.eval.items()})
-        if env.is_main:
-            result.export_dir = str(export_model(cfg, model, model_dir, run_dir / "export"))
+        if env.is_main or mesh is not None:  # a sharded model is gathered by every rank
+            export_dir = export_model(cfg, model, model_dir, run_dir / "export")
+            result.export_dir = str(export_dir) if env.is_main else None
     finally:
         tracker.close()
         loader.close()
@@ -274,20 +308,25 @@ def _meta(cfg: SFTConfig, counters: dict[str, Any]) -> dict[str, Any]:
 class _Evaluator:
     """Held-out loss (and a generation metric when a scorer is configured)."""
 
-    def __init__(self, cfg: SFTConfig, tokenizer, env: DistEnv):
-        self.cfg, self.tokenizer, self.env = cfg, tokenizer, env
+    def __init__(self, cfg: SFTConfig, tokenizer, env: DistEnv, dp: DataParallel, sharded: bool = False):
+        self.cfg, self.tokenizer, self.env, self.dp = cfg, tokenizer, env, dp
+        if sharded and cfg.eval.scorer and cfg.parallel.tp > 1:
+            raise ValueError("eval.scorer generates text, which does not run under parallel.tp > 1 yet; "
+                             "drop eval.scorer or set parallel.tp: 1")
         self.batches = [
             b.to(env.device)
             for b in held_out_batches(cfg.data, cfg.eval.sources, tokenizer, batch_size=cfg.train.micro_batch_size,
-                                      rank=env.rank, world_size=env.world_size, max_samples=cfg.eval.max_samples)
+                                      rank=dp.rank, world_size=dp.size, max_samples=cfg.eval.max_samples)
         ]
+        # A sharded model generates on every rank (its forward is collective), the same prompts.
         self.prompts = (
-            held_out_prompts(cfg.eval.sources, cfg.eval.max_samples) if cfg.eval.scorer and env.is_main else []
+            held_out_prompts(cfg.eval.sources, cfg.eval.max_samples)
+            if cfg.eval.scorer and (env.is_main or sharded) else []
         )
 
     def run(self, model: nn.Module) -> dict[str, float]:
         out = {"loss": eval_loss(model, self.batches, causal_lm_loss, precision=self.cfg.train.precision,
-                                 device=self.env.device)}
+                                 device=self.env.device, dp_group=self.dp.group)}
         if self.prompts:
             with torch.autocast(self.env.device.type, dtype=torch.bfloat16,
                                 enabled=self.cfg.train.precision == "bf16_autocast"):
