@@ -42,6 +42,20 @@ def test_tp_divisibility_error_lists_the_sizes(smollm2_dir):
     check_tp_divisible(args, 3)
 
 
+def test_tp_rejects_lora_dropout(tiny_checkpoints):
+    from posttrain.parallel.tp import apply_tp
+
+    class TwoRanks:  # the checks run before the mesh is used
+        def size(self) -> int:
+            return 2
+
+    _, args = read_hf_config(tiny_checkpoints["llama"])
+    model = build_meta_model(args)
+    apply_lora(model, rank=4, alpha=8, dropout=0.1, target_modules=TARGETS)
+    with pytest.raises(ValueError, match="lora.dropout > 0 does not work with parallel.tp > 1"):
+        apply_tp(model, TwoRanks())
+
+
 # ------------------------------------------------------------------------------------ helpers
 
 
