@@ -79,8 +79,12 @@ def bench_dtype(model_dir: Path, dtype_name: str, args) -> dict:
     theirs = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     tokenizer.padding_side = "left"
     batch = tokenizer.apply_chat_template(
-        prompts, add_generation_prompt=True, tokenize=True, padding=True,
-        return_tensors="pt", return_dict=True,
+        prompts,
+        add_generation_prompt=True,
+        tokenize=True,
+        padding=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     eos = tokenizer.eos_token_id
     run_a = lambda: run_ours(ours, tokenizer, prompts, args.max_new_tokens, args.prefill)  # noqa: E731
@@ -111,27 +115,40 @@ def bench_dtype(model_dir: Path, dtype_name: str, args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="bundled model name or HF directory")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default="smollm2-135m-instruct", help="bundled model name or HF directory"
+    )
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--batch", type=int, default=8, choices=range(1, len(QUESTIONS) + 1))
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    parser.add_argument("--prefill", choices=("left", "packed"), default="left", help="our prefill layout")
+    parser.add_argument(
+        "--prefill", choices=("left", "packed"), default="left", help="our prefill layout"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = Path(args.model) if Path(args.model).is_dir() else import_model(args.model)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {model_dir}")
-    print("| dtype | prefill | batch | new tokens (max) | ours tok/s | transformers tok/s | speedup | same tokens |")
+    print(
+        "| dtype | prefill | batch | new tokens (max) | ours tok/s | transformers tok/s "
+        "| speedup | same tokens |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     results = []
     for name in args.dtypes.split(","):
         r = bench_dtype(model_dir, name, args)
         results.append(r)
-        print(f"| {r['dtype']} | {r['prefill']} | {r['batch']} | {r['ours_tokens']} ({r['max_new_tokens']}) | "
-              f"{r['ours_tok_s']} | {r['transformers_tok_s']} | {r['speedup']}x | {r['same_tokens']} |")
+        print(
+            f"| {r['dtype']} | {r['prefill']} | {r['batch']} | "
+            f"{r['ours_tokens']} ({r['max_new_tokens']}) | "
+            f"{r['ours_tok_s']} | {r['transformers_tok_s']} | {r['speedup']}x | "
+            f"{r['same_tokens']} |"
+        )
     print(json.dumps(results))
 
 

@@ -76,7 +76,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         verdict = "PASS" if result.passed else "FAIL"
         print(
             f"{verdict} {result.family}: max |logit diff| {result.max_abs_diff:.3g} "
-            f"(tolerance {result.tolerance:g}), mean {result.mean_abs_diff:.3g} over {result.tokens} tokens"
+            f"(tolerance {result.tolerance:g}), mean {result.mean_abs_diff:.3g} "
+            f"over {result.tokens} tokens"
         )
     print(result.to_json())
     return 0 if result.passed else 1

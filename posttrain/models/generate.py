@@ -73,7 +73,9 @@ def sample(
         sorted_logits, order = torch.sort(allowed, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, -1)
         mass_before = probs.cumsum(-1) - probs  # the most likely token always stays
-        drop = torch.zeros_like(allowed, dtype=torch.bool).scatter(-1, order, mass_before >= params.top_p)
+        drop = torch.zeros_like(allowed, dtype=torch.bool).scatter(
+            -1, order, mass_before >= params.top_p
+        )
         allowed = allowed.masked_fill(drop, float("-inf"))
     tokens = torch.multinomial(torch.softmax(allowed, -1), 1, generator=generator)[:, 0]
     return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
@@ -87,7 +89,9 @@ def tokenize_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
         if isinstance(prompt, str):
             out.append(list(tokenizer(prompt)["input_ids"]))
         elif len(prompt) and isinstance(prompt[0], Mapping):
-            ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+            ids = tokenizer.apply_chat_template(
+                list(prompt), add_generation_prompt=True, tokenize=True
+            )
             out.append(list(ids["input_ids"] if isinstance(ids, Mapping) else ids))
         else:
             out.append([int(t) for t in prompt])
@@ -138,7 +142,9 @@ class _StopStrings:
         return text if cut < 0 else text[:cut]
 
 
-def _packed_prefill(model: Decoder, cache, prompt_ids: list[list[int]], prompt_len: int, device) -> torch.Tensor:
+def _packed_prefill(
+    model: Decoder, cache, prompt_ids: list[list[int]], prompt_len: int, device
+) -> torch.Tensor:
     """Run all prompts as one packed row, storing keys/values right-aligned per batch row;
     returns the last-token logits [B, V]."""
     lengths = torch.tensor([len(p) for p in prompt_ids], device=device)

@@ -95,7 +95,8 @@ def iter_hf_tensors(source: HFSource) -> Iterator[tuple[str, torch.Tensor]]:
                     ours = source.spec.key_map.from_hf(hf_key)
                 except KeyError:
                     raise ValueError(
-                        f"{path.name}: unexpected tensor {hf_key!r} for a {source.spec.family} model"
+                        f"{path.name}: unexpected tensor {hf_key!r} "
+                        f"for a {source.spec.family} model"
                     ) from None
                 if ours is not None:
                     yield ours, handle.get_tensor(hf_key)
@@ -121,20 +122,25 @@ def load_hf(
         if name == "output.weight" and args.tie_embeddings:
             continue  # some tied checkpoints store the head too; the embedding is authoritative
         if name not in params:
-            raise ValueError(f"checkpoint tensor for {name!r} has no place in this {source.spec.family} config")
+            raise ValueError(
+                f"checkpoint tensor for {name!r} has no place in this {source.spec.family} config"
+            )
         tensor = tensor.to(device=device, dtype=dtype)
         if name in VOCAB_PARAMS:
             tensor = _pad_rows(tensor, args.padded_vocab_size)
         if tensor.shape != params[name].shape:
             raise ValueError(
-                f"checkpoint tensor for {name!r} has shape {tuple(tensor.shape)}, the config implies "
+                f"checkpoint tensor for {name!r} has shape {tuple(tensor.shape)}, "
+                "the config implies "
                 f"{tuple(params[name].shape)}"
             )
         _assign(model, name, tensor)
     missing = [name for name, p in model.named_parameters() if p.is_meta]
     if missing:
         hf_names = [source.spec.key_map.to_hf(name) for name in missing]
-        raise ValueError(f"checkpoint in {source.directory} lacks tensors: {', '.join(hf_names[:8])}")
+        raise ValueError(
+            f"checkpoint in {source.directory} lacks tensors: {', '.join(hf_names[:8])}"
+        )
     model.init_buffers(device)
     model.hf_source = source
     return model
@@ -189,9 +195,13 @@ def save_hf(
 
     tensors = hf_state_dict(model, spec)
     _write_weights(tensors, out, max_shard_bytes)
-    (out / "config.json").write_text(json.dumps(_hf_config(model, spec, model_type, source), indent=2, sort_keys=True) + "\n")
+    (out / "config.json").write_text(
+        json.dumps(_hf_config(model, spec, model_type, source), indent=2, sort_keys=True) + "\n"
+    )
 
-    tok_src = Path(tokenizer_dir) if tokenizer_dir is not None else (source.directory if source else None)
+    tok_src = (
+        Path(tokenizer_dir) if tokenizer_dir is not None else (source.directory if source else None)
+    )
     if tok_src is not None and tok_src.resolve() != out.resolve():
         for name in TOKENIZER_FILES:
             if (tok_src / name).is_file():
@@ -199,7 +209,9 @@ def save_hf(
     return out
 
 
-def _hf_config(model: Decoder, spec: ModelSpec, model_type: str, source: HFSource | None) -> dict[str, Any]:
+def _hf_config(
+    model: Decoder, spec: ModelSpec, model_type: str, source: HFSource | None
+) -> dict[str, Any]:
     config = dict(source.config) if source and source.model_type == model_type else {}
     config.update(spec.args_to_hf(model.args, model_type))
     config["architectures"] = [spec.architectures[model_type]]

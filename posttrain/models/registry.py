@@ -9,7 +9,9 @@ from __future__ import annotations
 from posttrain.models import gemma3, llama, qwen2, qwen3
 from posttrain.models.common.spec import ModelSpec
 
-FAMILIES: dict[str, ModelSpec] = {spec.family: spec for spec in (llama.SPEC, qwen2.SPEC, qwen3.SPEC, gemma3.SPEC)}
+FAMILIES: dict[str, ModelSpec] = {
+    spec.family: spec for spec in (llama.SPEC, qwen2.SPEC, qwen3.SPEC, gemma3.SPEC)
+}
 _BY_MODEL_TYPE: dict[str, ModelSpec] = {
     model_type: spec for spec in FAMILIES.values() for model_type in spec.model_types
 }
@@ -22,7 +24,9 @@ def supported_model_types() -> list[str]:
 def get_spec(family: str) -> ModelSpec:
     """The spec of a family by its name (`llama`, `qwen2`, `qwen3`, `gemma3`)."""
     if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; supported families: {', '.join(sorted(FAMILIES))}")
+        raise ValueError(
+            f"unknown model family {family!r}; supported families: {', '.join(sorted(FAMILIES))}"
+        )
     return FAMILIES[family]
 
 

@@ -94,7 +94,9 @@ def prompt_ids(model_dir: Path, vocab_size: int) -> list[list[int]]:
     return [torch.randint(0, vocab_size, (n,), generator=generator).tolist() for n in lengths]
 
 
-def pack_rows(docs: list[list[int]], rows: int, pad_id: int) -> dict[str, torch.Tensor | int | list]:
+def pack_rows(
+    docs: list[list[int]], rows: int, pad_id: int
+) -> dict[str, torch.Tensor | int | list]:
     """Pack documents greedily into `rows` equal-length rows; each row ends with a padding
     pseudo-document (position ids restart at 0 for it too)."""
     assignment: list[list[int]] = [[] for _ in range(rows)]
@@ -118,8 +120,13 @@ def pack_rows(docs: list[list[int]], rows: int, pad_id: int) -> dict[str, torch.
         boundaries.append((r + 1) * length)
     cu_seqlens = torch.tensor(boundaries, dtype=torch.int32)
     max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    return dict(input_ids=input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens,
-                max_seqlen=max_seqlen, spans=spans)
+    return dict(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max_seqlen,
+        spans=spans,
+    )
 
 
 def left_pad(docs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -135,7 +142,9 @@ def left_pad(docs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def compare(ours: Decoder, reference: torch.nn.Module, docs: list[list[int]], pad_id: int) -> _DiffStats:
+def compare(
+    ours: Decoder, reference: torch.nn.Module, docs: list[list[int]], pad_id: int
+) -> _DiffStats:
     """Run both batches through both models and collect the logit differences."""
     device = ours.tok_embeddings.weight.device
     vocab = ours.vocab_size
@@ -190,7 +199,9 @@ def verify(
     if dtype not in TOLERANCES:
         raise ValueError(f"verify supports dtypes {list(DTYPES)}; got {dtype}")
     tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
-    ours = load_hf(model_dir, device=device, dtype=dtype, attention_backend=attention_backend).eval()
+    ours = load_hf(
+        model_dir, device=device, dtype=dtype, attention_backend=attention_backend
+    ).eval()
     reference = load_reference(model_dir, dtype, device, reference_attention)
     config = ours.hf_source.config
     pad_id = config.get("pad_token_id")

@@ -17,19 +17,35 @@ def variant_config(name: str):
     if name == "llama3_rope":
         config = tiny_config("llama", vocab_size=0)
         config.rope_parameters = {
-            "rope_type": "llama3", "rope_theta": 10_000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+            "rope_type": "llama3",
+            "rope_theta": 10_000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
         }
         return config
     if name == "mistral_window":
         return tf.MistralConfig(
-            vocab_size=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, sliding_window=8, tie_word_embeddings=False,
+            vocab_size=0,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=8,
+            tie_word_embeddings=False,
         )
     if name == "qwen2_window":
         return tf.Qwen2Config(
-            vocab_size=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
+            vocab_size=0,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            use_sliding_window=True,
+            sliding_window=8,
             max_window_layers=1,
         )
     if name == "gemma3_softcap_linear_rope":
@@ -46,4 +62,6 @@ def variant_config(name: str):
 @pytest.fixture(scope="session")
 def variant_checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("variant_models")
-    return {name: build_checkpoint_from_config(variant_config(name), root / name) for name in VARIANTS}
+    return {
+        name: build_checkpoint_from_config(variant_config(name), root / name) for name in VARIANTS
+    }

@@ -26,8 +26,12 @@ def transformers_greedy(model_dir, prompts, max_new_tokens: int, eos: set[int]) 
     tokenizer.padding_side = "left"
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     batch = tokenizer.apply_chat_template(
-        list(prompts), add_generation_prompt=True, tokenize=True, padding=True,
-        return_tensors="pt", return_dict=True,
+        list(prompts),
+        add_generation_prompt=True,
+        tokenize=True,
+        padding=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     out = reference.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
     continuations = []
@@ -37,7 +41,17 @@ def transformers_greedy(model_dir, prompts, max_new_tokens: int, eos: set[int]) 
     return continuations
 
 
-def test_greedy_matches_transformers_on_smollm2(smollm2_dir):
+@pytest.fixture
+def one_thread():
+    """Decoding is many small ops; one thread keeps it fast when other jobs share the 2 cores
+    (two spinning OpenMP threads then slow it down several times)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_greedy_matches_transformers_on_smollm2(smollm2_dir, one_thread):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
@@ -46,7 +60,10 @@ def test_greedy_matches_transformers_on_smollm2(smollm2_dir):
     expected = transformers_greedy(smollm2_dir, prompts, 32, {tokenizer.eos_token_id})
     assert ours.token_ids == expected
     assert ours.texts[0] == "The capital of France is Paris."
-    assert all(len(t) == 32 or r == "stop" for t, r in zip(ours.token_ids, ours.finish_reasons))
+    assert all(
+        len(t) == 32 or r == "stop"
+        for t, r in zip(ours.token_ids, ours.finish_reasons, strict=True)
+    )
 
 
 @pytest.mark.parametrize("prefill", ["left", "packed"])
@@ -55,7 +72,15 @@ def test_greedy_matches_transformers_on_tiny_families(tiny_checkpoint, prefill, 
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
     prompts = [[{"role": "user", "content": q}] for q in CHAT_QUESTIONS[:4]]
-    ours = generate(load_hf(tiny_checkpoint), tokenizer, prompts, max_new_tokens=max_new_tokens,
-                    temperature=0, prefill=prefill)
-    expected = transformers_greedy(tiny_checkpoint, prompts, max_new_tokens, {tokenizer.eos_token_id})
+    ours = generate(
+        load_hf(tiny_checkpoint),
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=0,
+        prefill=prefill,
+    )
+    expected = transformers_greedy(
+        tiny_checkpoint, prompts, max_new_tokens, {tokenizer.eos_token_id}
+    )
     assert ours.token_ids == expected

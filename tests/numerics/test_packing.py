@@ -72,7 +72,9 @@ def test_sliding_window_really_limits_context(tiny_checkpoints):
 
 
 @pytest.mark.parametrize("backend", available_backends())
-@pytest.mark.parametrize("variant", ["mistral_window", "qwen2_window", "gemma3_softcap_linear_rope"])
+@pytest.mark.parametrize(
+    "variant", ["mistral_window", "qwen2_window", "gemma3_softcap_linear_rope"]
+)
 @torch.no_grad()
 def test_packed_equals_unpacked_variants(variant_checkpoints, variant, backend):
     model = load_hf(variant_checkpoints[variant], attention_backend=backend)
@@ -83,4 +85,6 @@ def test_packed_equals_unpacked_variants(variant_checkpoints, variant, backend):
     attn = packed_attention(packed["cu_seqlens"], packed["max_seqlen"], rows, length)
     hidden = model(packed["input_ids"], packed["position_ids"], attn)
     for j, r, start in packed["spans"]:
-        torch.testing.assert_close(hidden[r, start : start + len(docs[j])], expected[j], atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(
+            hidden[r, start : start + len(docs[j])], expected[j], atol=TOLERANCE, rtol=0
+        )

@@ -36,7 +36,10 @@ def test_cli_prints_json_and_fails_with_exit_1(tiny_checkpoints, capsys):
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"family", "max_abs_diff", "mean_abs_diff", "tokens", "tolerance", "pass"}
     assert result["family"] == "qwen3" and result["pass"] is True
-    assert main(["models", "verify", str(tiny_checkpoints["qwen3"]), "--json", "--tolerance", "-1"]) == 1
+    assert (
+        main(["models", "verify", str(tiny_checkpoints["qwen3"]), "--json", "--tolerance", "-1"])
+        == 1
+    )
     assert json.loads(capsys.readouterr().out)["pass"] is False
 
 

@@ -87,7 +87,9 @@ class AttentionMeta:
         return self.cu_seqlens, self.max_seqlen
 
 
-def causal_attention(batch_size: int, seq_len: int, device: torch.device | str = "cpu") -> AttentionMeta:
+def causal_attention(
+    batch_size: int, seq_len: int, device: torch.device | str = "cpu"
+) -> AttentionMeta:
     """Plain causal attention within each row (what `attn=None` means)."""
     segments = torch.zeros(batch_size, seq_len, dtype=torch.int32, device=device)
     return AttentionMeta(segments, segments, plain_causal=True)

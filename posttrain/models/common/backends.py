@@ -91,7 +91,9 @@ def _prepare_flex(meta: AttentionMeta, window: int | None) -> None:
     meta.cached(("flex", window), lambda: _block_mask(meta, window))
 
 
-def flex_attention_backend(q, k, v, meta: AttentionMeta, window: int | None, scale: float) -> torch.Tensor:
+def flex_attention_backend(
+    q, k, v, meta: AttentionMeta, window: int | None, scale: float
+) -> torch.Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
     block_mask = meta.cached(("flex", window), lambda: _block_mask(meta, window))
@@ -103,11 +105,19 @@ def flex_attention_backend(q, k, v, meta: AttentionMeta, window: int | None, sca
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
 
 
-def flash_varlen_attention(q, k, v, meta: AttentionMeta, window: int | None, scale: float) -> torch.Tensor:
+def _prepare_flash(meta: AttentionMeta) -> None:
+    meta.varlen_boundaries()  # derives cu_seqlens (one host sync) unless the batch brought them
+
+
+def flash_varlen_attention(
+    q, k, v, meta: AttentionMeta, window: int | None, scale: float
+) -> torch.Tensor:
     from flash_attn import flash_attn_varlen_func
 
     if meta.q_offset != 0:
-        raise ValueError("flash_varlen does not decode over a KV cache; use the sdpa backend for that")
+        raise ValueError(
+            "flash_varlen does not decode over a KV cache; use the sdpa backend for that"
+        )
     batch, heads, length, dim = q.shape
     cu_seqlens, max_seqlen = meta.varlen_boundaries()
 
@@ -134,10 +144,10 @@ BACKENDS: dict[str, Backend] = {
     "flex": flex_attention_backend,
     "flash_varlen": flash_varlen_attention,
 }
-_PREPARE: dict[str, Callable[[AttentionMeta, "int | None"], None]] = {
+_PREPARE: dict[str, Callable[[AttentionMeta, int | None], None]] = {
     "sdpa": _prepare_sdpa,
     "flex": _prepare_flex,
-    "flash_varlen": lambda meta, window: meta.varlen_boundaries() and None,
+    "flash_varlen": lambda meta, window: _prepare_flash(meta),
 }
 
 

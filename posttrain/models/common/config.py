@@ -77,13 +77,15 @@ class ModelArgs:
         for kind in set(self.layer_types):
             if kind not in (FULL_ATTENTION, SLIDING_ATTENTION):
                 raise ValueError(
-                    f"unknown layer type {kind!r}; expected {FULL_ATTENTION!r} or {SLIDING_ATTENTION!r}"
+                    f"unknown layer type {kind!r}; "
+                    f"expected {FULL_ATTENTION!r} or {SLIDING_ATTENTION!r}"
                 )
             if kind not in self.rope:
                 raise ValueError(f"no rope settings for layer type {kind!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+                f"num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
             )
 
     @property

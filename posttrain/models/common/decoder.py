@@ -27,7 +27,9 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer = layer
-        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        self.num_heads = args.num_heads
+        self.num_kv_heads = args.num_kv_heads
+        self.head_dim = args.head_dim
         self.window = args.window_for(layer)
         self.scale = args.softmax_scale
         d = args.hidden_size
@@ -176,7 +178,8 @@ class Decoder(nn.Module):
         batch, length = input_ids.shape
         start = cache.length if cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(start, start + length, device=input_ids.device).expand(batch, -1)
+            steps = torch.arange(start, start + length, device=input_ids.device)
+            position_ids = steps.expand(batch, -1)
         if attn is None:
             if cache is None:
                 attn = causal_attention(batch, length, input_ids.device)

@@ -18,19 +18,26 @@ ACTIVATION_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_t
 
 def require(config: dict[str, Any], key: str) -> Any:
     if config.get(key) is None:
-        raise ValueError(f"config.json has no {key!r}; it is required for model_type {config.get('model_type')!r}")
+        raise ValueError(
+            f"config.json has no {key!r}; it is required for "
+            f"model_type {config.get('model_type')!r}"
+        )
     return config[key]
 
 
 def activation(config: dict[str, Any], key: str) -> str:
     name = config.get(key, "silu")
     if name not in ACTIVATION_NAMES:
-        raise ValueError(f"unsupported activation {key}={name!r}; supported: {sorted(ACTIVATION_NAMES)}")
+        raise ValueError(
+            f"unsupported activation {key}={name!r}; supported: {sorted(ACTIVATION_NAMES)}"
+        )
     return ACTIVATION_NAMES[name]
 
 
 def head_dim(config: dict[str, Any]) -> int:
-    return config.get("head_dim") or require(config, "hidden_size") // require(config, "num_attention_heads")
+    return config.get("head_dim") or require(config, "hidden_size") // require(
+        config, "num_attention_heads"
+    )
 
 
 def rope_args(params: dict[str, Any] | None, default_theta: float, max_positions: int) -> RopeArgs:

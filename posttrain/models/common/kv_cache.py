@@ -36,7 +36,9 @@ class KVCache:
         as used. The forward itself attends within the packed row (use `packed_attention`)."""
         self._scatter = (rows, slots, new_length)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store `k, v [B, Hkv, L, D]` after the cached slots; return all keys/values so far
         (during a packed prefill: store them scattered and return them unchanged)."""
         if self._scatter is not None:

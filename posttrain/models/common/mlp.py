@@ -22,7 +22,9 @@ class GatedMLP(nn.Module):
     def __init__(self, dim: int, hidden: int, activation: str, bias: bool = False):
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+            raise ValueError(
+                f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}"
+            )
         self.act = ACTIVATIONS[activation]
         self.w1 = nn.Linear(dim, hidden, bias=bias)
         self.w3 = nn.Linear(dim, hidden, bias=bias)

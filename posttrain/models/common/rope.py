@@ -24,7 +24,9 @@ def inverse_frequencies(rope: RopeArgs, head_dim: int, device=None) -> torch.Ten
         return inv_freq / rope.factor
     if rope.scaling == "llama3":
         return _llama3_scale(inv_freq, rope)
-    raise ValueError(f"unsupported rope scaling {rope.scaling!r}; expected default, linear or llama3")
+    raise ValueError(
+        f"unsupported rope scaling {rope.scaling!r}; expected default, linear or llama3"
+    )
 
 
 def _llama3_scale(inv_freq: torch.Tensor, rope: RopeArgs) -> torch.Tensor:
@@ -35,7 +37,9 @@ def _llama3_scale(inv_freq: torch.Tensor, rope: RopeArgs) -> torch.Tensor:
     short_wavelen = context / rope.high_freq_factor  # below this: unchanged
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > long_wavelen, inv_freq / rope.factor, inv_freq)
-    smooth = (context / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smooth = (context / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
     blended = (1 - smooth) * scaled / rope.factor + smooth * scaled
     in_band = (wavelen >= short_wavelen) & (wavelen <= long_wavelen)
     return torch.where(in_band, blended, scaled)
@@ -52,13 +56,15 @@ class RotaryEmbedding(nn.Module):
         self.reset_buffers()
 
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
-        """(Re)compute `inv_freq` on `device` (default: where it is); call after building on `meta`."""
+        """(Re)compute `inv_freq` on `device` (default: where it is); call after a `meta` build."""
         device = device if device is not None else self.inv_freq.device
         if torch.device(device).type != "meta":
             self.inv_freq = inverse_frequencies(self.rope, self.head_dim, device)
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [B, L] -> cos, sin [B, L, head_dim], computed in fp32 then cast to `dtype`."""
+    def forward(
+        self, position_ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, L] -> cos, sin [B, L, head_dim], computed in fp32, cast to `dtype`."""
         angles = position_ids[..., None].float() * self.inv_freq.float()
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)

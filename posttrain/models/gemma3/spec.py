@@ -16,7 +16,11 @@ DEFAULT_PATTERN = 6  # every 6th layer is global when `layer_types` is absent
 def _layer_types(config: dict[str, Any], num_layers: int) -> list[str]:
     if config.get("layer_types"):
         return list(config["layer_types"])
-    pattern = config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or DEFAULT_PATTERN
+    pattern = (
+        config.get("sliding_window_pattern")
+        or config.get("_sliding_window_pattern")
+        or DEFAULT_PATTERN
+    )
     return [
         FULL_ATTENTION if (i + 1) % pattern == 0 else SLIDING_ATTENTION for i in range(num_layers)
     ]
@@ -41,7 +45,9 @@ def _ropes(config: dict[str, Any]) -> dict[str, Any]:
 
 def args_from_hf(config: dict[str, Any]) -> ModelArgs:
     if config.get("use_bidirectional_attention"):
-        raise ValueError("Gemma 3 with use_bidirectional_attention=true is not supported; set it to false")
+        raise ValueError(
+            "Gemma 3 with use_bidirectional_attention=true is not supported; set it to false"
+        )
     if config.get("attn_logit_softcapping") is not None:
         raise ValueError(
             "Gemma 3 with attn_logit_softcapping is not supported (Gemma 3 checkpoints use null)"
@@ -81,7 +87,9 @@ def _query_pre_attn_scalar(args: ModelArgs) -> int | float:
     assert args.attn_scale is not None
     scalar = args.attn_scale**-2
     nearest = round(scalar)
-    return nearest if abs(scalar - nearest) < 1e-6 * max(1, nearest) else scalar  # transformers wants an int
+    return (
+        nearest if abs(scalar - nearest) < 1e-6 * max(1, nearest) else scalar
+    )  # transformers wants an int
 
 
 def args_to_hf(args: ModelArgs, model_type: str) -> dict[str, Any]:

@@ -16,7 +16,11 @@ def args_from_hf(config: dict[str, Any]) -> ModelArgs:
 
 
 def args_to_hf(args: ModelArgs, model_type: str) -> dict[str, Any]:
-    return {**qwen_common_to_hf(args, model_type), "head_dim": args.head_dim, "attention_bias": args.attention_bias}
+    return {
+        **qwen_common_to_hf(args, model_type),
+        "head_dim": args.head_dim,
+        "attention_bias": args.attention_bias,
+    }
 
 
 SPEC = ModelSpec(

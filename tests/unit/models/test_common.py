@@ -18,8 +18,15 @@ from posttrain.models.common.rope import inverse_frequencies
 
 
 def tiny_args(**overrides) -> ModelArgs:
-    fields = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=8)
+    fields = dict(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+    )
     fields.update(overrides)
     return ModelArgs(**fields)
 
@@ -28,13 +35,25 @@ def test_llama3_rope_frequencies_match_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    params = {"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
-              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    params = {
+        "rope_type": "llama3",
+        "rope_theta": 500_000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     config = LlamaConfig(hidden_size=2048, num_attention_heads=16, rope_parameters=params)
     expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
     ours = inverse_frequencies(
-        RopeArgs(theta=500_000.0, scaling="llama3", factor=8.0, low_freq_factor=1.0,
-                 high_freq_factor=4.0, original_max_position_embeddings=8192),
+        RopeArgs(
+            theta=500_000.0,
+            scaling="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
         head_dim=128,
     )
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
@@ -90,8 +109,12 @@ def test_packed_attention_segments():
     cu = torch.tensor([0, 3, 6, 8, 12], dtype=torch.int32)  # row 0: docs of 3 and 3; row 1: 2 and 4
     meta = packed_attention(cu, max_seqlen=4, batch_size=2, seq_len=6)
     seg = meta.q_segments.tolist()
-    assert seg[0][:3] == [seg[0][0]] * 3 and seg[0][3:] == [seg[0][3]] * 3 and seg[0][0] != seg[0][3]
-    assert seg[1][:2] == [seg[1][0]] * 2 and seg[1][2:] == [seg[1][2]] * 4 and seg[1][0] != seg[1][2]
+    assert (
+        seg[0][:3] == [seg[0][0]] * 3 and seg[0][3:] == [seg[0][3]] * 3 and seg[0][0] != seg[0][3]
+    )
+    assert (
+        seg[1][:2] == [seg[1][0]] * 2 and seg[1][2:] == [seg[1][2]] * 4 and seg[1][0] != seg[1][2]
+    )
     assert meta.varlen_boundaries() == (meta.cu_seqlens, 4) and torch.equal(meta.cu_seqlens, cu)
 
 
@@ -123,7 +146,7 @@ def test_backends_match_a_naive_reference(backend, window):
     meta = packed_attention(cu, 7, batch, length)
     seg = meta.q_segments
     i = torch.arange(length)
-    allowed = (i[None, :] <= i[:, None])
+    allowed = i[None, :] <= i[:, None]
     if window is not None:
         allowed &= (i[:, None] - i[None, :]) < window
     allowed = (allowed[None] & (seg[:, :, None] == seg[:, None, :]))[:, None]
@@ -131,8 +154,14 @@ def test_backends_match_a_naive_reference(backend, window):
     out = get_backend(backend)(q, k, v, meta, window, 0.3)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     causal = get_backend(backend)(q, k, v, causal_attention(batch, length), window, 0.3)
-    expected = naive_attention(q, k, v, (i[None, :] <= i[:, None]) & (
-        True if window is None else (i[:, None] - i[None, :]) < window), 0.3)
+    expected = naive_attention(
+        q,
+        k,
+        v,
+        (i[None, :] <= i[:, None])
+        & (True if window is None else (i[:, None] - i[None, :]) < window),
+        0.3,
+    )
     torch.testing.assert_close(causal, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -147,8 +176,15 @@ def test_unknown_backend_is_a_clear_error():
 @pytest.mark.parametrize("sliding", [False, True])
 def test_kv_cache_decoding_matches_full_forward(sliding):
     torch.manual_seed(0)
-    extra = dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4,
-                 rope={"sliding_attention": RopeArgs(theta=100.0), "full_attention": RopeArgs()}) if sliding else {}
+    extra = (
+        dict(
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=4,
+            rope={"sliding_attention": RopeArgs(theta=100.0), "full_attention": RopeArgs()},
+        )
+        if sliding
+        else {}
+    )
     model = Decoder(tiny_args(**extra))
     model.init_weights(std=0.2)
     ids = torch.randint(0, 100, (2, 12))
@@ -169,8 +205,14 @@ def test_model_args_validation():
 
 
 def test_masks_are_built_once_per_window_before_the_layers():
-    model = Decoder(tiny_args(num_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                              sliding_window=4, rope={"sliding_attention": RopeArgs(), "full_attention": RopeArgs()}))
+    model = Decoder(
+        tiny_args(
+            num_layers=3,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            sliding_window=4,
+            rope={"sliding_attention": RopeArgs(), "full_attention": RopeArgs()},
+        )
+    )
     model.init_weights()
     meta = packed_attention(torch.tensor([0, 5, 12], dtype=torch.int32), 7, 1, 12)
     model(torch.randint(0, 100, (1, 12)), attn=meta)

@@ -8,7 +8,9 @@ from posttrain.models.hf import load_hf
 def test_sample_greedy_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     tokens, logprobs = sample(logits, SamplingParams(temperature=0), None)
-    assert tokens.tolist() == [0] and logprobs.item() == pytest.approx(torch.log(torch.tensor(0.5)).item())
+    assert tokens.tolist() == [0] and logprobs.item() == pytest.approx(
+        torch.log(torch.tensor(0.5)).item()
+    )
     generator = torch.Generator().manual_seed(0)
     drawn = {sample(logits, SamplingParams(top_k=2), generator)[0].item() for _ in range(200)}
     assert drawn == {0, 1}
@@ -35,7 +37,11 @@ def tiny_gemma(tiny_checkpoints):
     return load_hf(path), AutoTokenizer.from_pretrained(path)
 
 
-PROMPTS = ["hello world, how are you today?", "ab", "a much longer prompt than the sliding window of eight"]
+PROMPTS = [
+    "hello world, how are you today?",
+    "ab",
+    "a much longer prompt than the sliding window of eight",
+]
 
 
 def test_seeded_sampling_is_reproducible(tiny_gemma):
@@ -51,7 +57,9 @@ def test_logprobs_match_a_full_forward(tiny_gemma):
     """What RL needs: the returned log-probs equal the trainer's recomputation."""
     model, tokenizer = tiny_gemma
     out = generate(model, tokenizer, PROMPTS, max_new_tokens=10, temperature=0.7, top_k=20, seed=1)
-    for prompt, generated, logprobs in zip(out.prompt_ids, out.token_ids, out.logprobs):
+    for prompt, generated, logprobs in zip(
+        out.prompt_ids, out.token_ids, out.logprobs, strict=True
+    ):
         ids = torch.tensor([prompt + generated])
         logits = model.logits(model(ids))[0, len(prompt) - 1 : -1].float() / 0.7
         expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(generated)[:, None])[:, 0]
@@ -73,12 +81,16 @@ def test_per_sequence_stop(tiny_gemma):
     out = generate(model, tokenizer, PROMPTS, max_new_tokens=16, temperature=0, stop=[stop_token])
     assert out.finish_reasons[0] == "stop"
     assert out.token_ids[0] == free.token_ids[0][: free.token_ids[0].index(stop_token) + 1]
-    for got, full in zip(out.token_ids[1:], free.token_ids[1:]):  # rows continue after row 0 left
+    for got, full in zip(
+        out.token_ids[1:], free.token_ids[1:], strict=True
+    ):  # rows continue after row 0 left
         assert got == (full[: full.index(stop_token) + 1] if stop_token in full else full)
     text = free.texts[1]
     if len(text) >= 4:
         stop_string = text[2:4]
-        out = generate(model, tokenizer, PROMPTS, max_new_tokens=16, temperature=0, stop=[stop_string])
+        out = generate(
+            model, tokenizer, PROMPTS, max_new_tokens=16, temperature=0, stop=[stop_string]
+        )
         assert out.finish_reasons[1] == "stop" and stop_string not in out.texts[1]
 
 
@@ -86,7 +98,12 @@ def test_prompt_forms(tiny_gemma):
     model, tokenizer = tiny_gemma
     messages = [{"role": "user", "content": "hi"}]
     out = generate(model, tokenizer, [messages, [5, 6, 7]], max_new_tokens=2, temperature=0)
-    assert out.prompt_ids[0] == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert (
+        out.prompt_ids[0]
+        == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)[
+            "input_ids"
+        ]
+    )
     assert out.prompt_ids[1] == [5, 6, 7]
     with pytest.raises(ValueError, match="empty"):
         generate(model, tokenizer, [[]], max_new_tokens=2)
@@ -97,7 +114,7 @@ def test_packed_prefill_matches_left_padded(tiny_gemma):
     left = generate(model, tokenizer, PROMPTS, max_new_tokens=10, temperature=0)
     packed = generate(model, tokenizer, PROMPTS, max_new_tokens=10, temperature=0, prefill="packed")
     assert packed.token_ids == left.token_ids
-    for a, b in zip(packed.logprobs, left.logprobs):
+    for a, b in zip(packed.logprobs, left.logprobs, strict=True):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="prefill"):
         generate(model, tokenizer, PROMPTS, max_new_tokens=2, prefill="right")

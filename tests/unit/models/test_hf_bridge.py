@@ -25,7 +25,9 @@ def test_load_save_round_trip_is_bit_exact(tiny_checkpoint, tmp_path):
         assert exported[name].dtype == tensor.dtype
         assert torch.equal(exported[name], tensor), name
     reloaded = load_hf(out)
-    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), reloaded.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
     # The config still describes the same model.
     assert read_hf_config(out)[1] == read_hf_config(tiny_checkpoint)[1]
@@ -53,7 +55,9 @@ def test_sharded_checkpoints_load_and_save(tiny_checkpoints, tmp_path):
     assert len(set(index["weight_map"].values())) > 1
     assert not (sharded / "model.safetensors").exists()
     reloaded = load_hf(sharded)
-    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), reloaded.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
     AutoModelForCausalLM.from_pretrained(sharded)  # transformers reads the index too
 
@@ -113,8 +117,17 @@ def test_tied_checkpoint_with_a_stored_head_uses_the_embedding(tiny_checkpoints,
 
 
 def test_save_from_scratch_needs_a_model_type(tmp_path):
-    model = Decoder(ModelArgs(vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=1,
-                              num_heads=4, num_kv_heads=2, head_dim=8))
+    model = Decoder(
+        ModelArgs(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=1,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=8,
+        )
+    )
     model.init_weights()
     with pytest.raises(ValueError, match="model_type"):
         save_hf(model, tmp_path / "a")

@@ -53,8 +53,12 @@ def test_older_config_layouts_are_read(tiny_checkpoints, tmp_path):
     """transformers 4.x wrote `rope_theta`/`rope_scaling` and Gemma's `rope_local_base_freq`."""
     config = json.loads((tiny_checkpoints["gemma3"] / "config.json").read_text())
     del config["rope_parameters"], config["layer_types"]
-    config.update(rope_theta=500_000.0, rope_local_base_freq=20_000.0, sliding_window_pattern=2,
-                  rope_scaling={"rope_type": "linear", "factor": 8.0})
+    config.update(
+        rope_theta=500_000.0,
+        rope_local_base_freq=20_000.0,
+        sliding_window_pattern=2,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+    )
     gemma = get_spec("gemma3").args_from_hf(config)
     assert gemma.layer_types == ["sliding_attention", "full_attention"]
     assert gemma.rope["full_attention"].theta == 500_000.0
@@ -64,9 +68,16 @@ def test_older_config_layouts_are_read(tiny_checkpoints, tmp_path):
 
     llama = json.loads((tiny_checkpoints["llama"] / "config.json").read_text())
     del llama["rope_parameters"]
-    llama.update(rope_theta=500_000.0, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192})
+    llama.update(
+        rope_theta=500_000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     rope = get_spec("llama").args_from_hf(llama).rope["full_attention"]
     assert (rope.scaling, rope.theta, rope.factor) == ("llama3", 500_000.0, 8.0)
 
