@@ -229,10 +229,11 @@ class Pipeline:
         state = from_serialisable(state)
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported loader state version {state.get('version')}")
-        if state["layout"] != self._layout():
+        if not self._can_resume_from(state["layout"]):
             raise ValueError(
                 f"loader state was saved for {state['layout']}, this loader is {self._layout()}; "
-                "resume with the same sources, batch size, world size and rank"
+                "resume with the same sources, max_length and packing (and, with shard: samples, "
+                "the same batch size, world size and rank)"
             )
         self.mixer.restore(state["mixer"])
         self.packer.restore(state["packer"])
@@ -240,6 +241,17 @@ class Pipeline:
         self._drawn = state["drawn"]
         self._finished = state["finished"]
         self.counters = state["counters"].copy()
+
+    def _can_resume_from(self, saved: dict) -> bool:
+        """With `shard: rows` the state is the global stream's, the same on every rank, so it can
+        continue under another batch size, rank or world size; `shard: samples` states are per rank."""
+        mine = self._layout()
+        if saved.get("shard") == mine["shard"] == "rows":
+            per_rank = ("batch_size", "world_size", "rank")
+            return {k: v for k, v in saved.items() if k not in per_rank} == {
+                k: v for k, v in mine.items() if k not in per_rank
+            }
+        return saved == mine
 
     def _layout(self) -> dict:
         return {

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from posttrain.cluster.dist_env import DistEnv, init_distributed
+from posttrain.cluster.dist_env import DistEnv, destroy_distributed, init_distributed
 from posttrain.config import SFTConfig, config_hash, save_resolved
 from posttrain.data.loader import DataLoader, build_loader
 from posttrain.models import hub
@@ -177,8 +177,19 @@ class _Batches:
 
 
 def run_sft(cfg: SFTConfig, env: DistEnv | None = None, attempt: int = 0) -> SFTResult:
-    """Train as configured on this rank; resumes from the newest checkpoint when asked."""
-    env = env or init_distributed()
+    """Train as configured on this rank; resumes from the newest checkpoint when asked.
+
+    Without `env` (a plain in-process call) a world of one is formed for the run and torn down
+    after it; a launcher passes the `env` of the group it owns.
+    """
+    if env is None:
+        owns_group = not (dist.is_available() and dist.is_initialized())
+        env = init_distributed()
+        try:
+            return run_sft(cfg, env, attempt)
+        finally:
+            if owns_group:
+                destroy_distributed()
     device = env.device
     torch.manual_seed(cfg.train.seed + env.rank)
     run_dir = Path(cfg.run_dir)
@@ -247,8 +258,9 @@ def run_sft(cfg: SFTConfig, env: DistEnv | None = None, attempt: int = 0) -> SFT
             if step % cfg.train.log_every == 0 or step == total_steps:
                 lengths = [n for mb in micro for n in document_lengths(mb)]
                 local_trained = sum(mb.num_trained_tokens for mb in micro)
+                # This rank's share: its data-parallel batch, split over the tensor-parallel ranks.
                 flops = training_flops(shape, lengths, head_tokens=local_trained,
-                                       lora=adapters or None, train_head=train_head).total
+                                       lora=adapters or None, train_head=train_head).total / cfg.parallel.tp
                 capacity = sum(mb.input_ids.numel() for mb in micro)
                 data = loader.counters
                 metrics = {

@@ -161,12 +161,13 @@ class AppState(Stateful):
             "rng": get_rng_state(),
         }
 
-    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+    def load_rank_state_dict(self, state: dict[str, Any], *, restore_rng: bool = True) -> None:
         if self.loader is not None:
             if state.get("loader") is None:
                 raise ValueError("the checkpoint holds no data-loader state to resume from")
             self.loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
+        if restore_rng:
+            set_rng_state(state["rng"])
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -377,8 +378,12 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load `checkpoint` into `app_state` in place (collective) and return its `meta.json`.
 
-    A rank without its own `rank_N.pt` (the world size changed) raises ValueError, unless
-    `strict_rank_state=False`, which then keeps the current loader position and RNG states.
+    Model, optimiser and scheduler are resharded by DCP to any world size. The per-rank state
+    (loader position, RNG) comes from this rank's own file when the world size is unchanged. When
+    it changed, every rank takes the loader position of rank 0's file — the data loader accepts it
+    when its stream is shared by all ranks (`data.shard: rows`) and refuses it otherwise — and
+    keeps its freshly seeded RNG. `strict_rank_state=False` keeps the current loader position and
+    RNG instead of failing when no usable per-rank file exists.
     """
     checkpoint = Path(checkpoint)
     if not is_complete(checkpoint):
@@ -387,13 +392,12 @@ def load_checkpoint(
     meta = read_meta(checkpoint)
     with _single_process_quiet(distributed):
         dcp.load({"app": app_state}, checkpoint_id=checkpoint, no_dist=not distributed)
-    per_rank = rank_file(checkpoint, rank)
+    same_world = meta.get("world_size", world_size) == world_size
+    per_rank = rank_file(checkpoint, rank if same_world else 0)
     if per_rank.is_file():
         # Tensors, RNG tuples and the loader's JSON-like state: no arbitrary objects are unpickled.
-        app_state.load_rank_state_dict(torch.load(per_rank, weights_only=True))
+        state = torch.load(per_rank, weights_only=True)
+        app_state.load_rank_state_dict(state, restore_rng=same_world)
     elif strict_rank_state:
-        raise ValueError(
-            f"{checkpoint} was saved by {meta.get('world_size')} ranks and has no state for rank "
-            f"{rank} of {world_size}; resume with the same number of ranks"
-        )
+        raise ValueError(f"{checkpoint} has no per-rank state file {per_rank.name}; it is incomplete")
     return meta

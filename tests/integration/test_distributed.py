@@ -118,3 +118,33 @@ def test_two_ranks_reproduce_one(tiny_checkpoints, task_dir, tmp_path, family, o
     summary = json.loads(outputs[0].strip().splitlines()[-1])
     assert summary["status"] == "finished" and summary["export"] == str(two / "export")
     assert_same_run(one, two, weights_atol=2e-5)
+
+
+@pytest.mark.parametrize("saved_by, resumed_by", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
+def test_resume_on_another_world_size(tiny_checkpoints, task_dir, tmp_path, saved_by, resumed_by):
+    """A checkpoint taken at step 3 by one world size finishes the run on the other, identically."""
+    config = write_config(tmp_path / "cfg.yaml", tiny_checkpoints["llama"], task_dir, tmp_path / "straight",
+                          checkpoint={"every_steps": 3})
+    straight = one_rank(config)  # 1 rank: 2 rows x 2 micro-batches per step
+    per_rank = {1: [], 2: ["train.micro_batch_size=1"]}  # the same 4 rows per step on 2 ranks
+
+    if saved_by == 1:
+        checkpoint = straight / "checkpoints" / "step_3"
+    else:
+        run_ranks(2, config, f"output_dir={tmp_path / 'saver'}", *per_rank[2])
+        checkpoint = tmp_path / "saver" / "run" / "checkpoints" / "step_3"
+    overrides = [f"output_dir={tmp_path / 'resumed'}", f"checkpoint.resume={checkpoint}", *per_rank[resumed_by]]
+    if resumed_by == 1:
+        resumed = Path(run_sft(load_config(config, overrides, SFTConfig)).run_dir)
+    else:
+        run_ranks(2, config, *overrides)
+        resumed = tmp_path / "resumed" / "run"
+
+    want = losses(straight)[3:]
+    got = losses(resumed)
+    assert len(got) == STEPS - 3
+    for x, y in zip(want, got):
+        assert abs(x - y) <= 1e-5 * abs(x), (want, got)
+    a, b = load_file(straight / "export" / "model.safetensors"), load_file(resumed / "export" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=2e-5, msg=key)

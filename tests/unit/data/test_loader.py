@@ -173,9 +173,31 @@ def test_samples_sharding_streams_forever(tmp_path, byte_tok):
 
 def test_resume_rejects_a_different_layout(two_sources, byte_tok):
     state = build_loader(config(two_sources), byte_tok, batch_size=2).state_dict()
-    other = build_loader(config(two_sources), byte_tok, batch_size=3)
-    with pytest.raises(ValueError, match="same sources, batch size"):
+    other = build_loader(config(two_sources, max_length=200), byte_tok, batch_size=2)
+    with pytest.raises(ValueError, match="same sources, max_length"):
         other.load_state_dict(state)
+    cfg = config(two_sources, shard="samples", epochs=None)
+    state = build_loader(cfg, byte_tok, batch_size=2, rank=0, world_size=2).state_dict()
+    with pytest.raises(ValueError, match="with shard: samples"):
+        build_loader(cfg, byte_tok, batch_size=2).load_state_dict(state)
+
+
+def test_rows_state_resumes_on_another_world_size(two_sources, byte_tok):
+    """A state saved by 2 ranks continues the same global stream on 1 rank (2 rows per batch)."""
+    cfg = config(two_sources, prefetch=0)
+    ranks = [build_loader(cfg, byte_tok, batch_size=1, rank=r, world_size=2) for r in (0, 1)]
+    for _ in range(3):
+        for loader in ranks:
+            next(loader)
+    state = ranks[0].state_dict()
+    expected = []
+    for _ in range(3):
+        expected.append([documents(next(loader), byte_tok.pad_token_id) for loader in ranks])
+    single = build_loader(cfg, byte_tok, batch_size=2)
+    single.load_state_dict(state)
+    for want in expected:
+        got = documents(next(single), byte_tok.pad_token_id)
+        assert got == want[0] + want[1]
 
 
 def test_batches_move_with_to(two_sources, byte_tok):

@@ -200,7 +200,7 @@ def test_missing_rank_state(tmp_path):
     train(app, 1)
     path = save_checkpoint(tmp_path, 1, app)
     ck.rank_file(path, 0).rename(path / "rank_1.pt")  # as if saved by another rank layout
-    with pytest.raises(ValueError, match="has no state for rank 0"):
+    with pytest.raises(ValueError, match="no per-rank state file rank_0.pt"):
         load_checkpoint(path, make_state())
     restored = make_state()
     load_checkpoint(path, restored, strict_rank_state=False)
