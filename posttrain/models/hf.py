@@ -86,8 +86,9 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     )
 
 
-def iter_hf_tensors(source: HFSource) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(our_name, tensor)` for every checkpoint tensor we use, one at a time, on CPU."""
+def checkpoint_index(source: HFSource) -> dict[str, tuple[Path, str]]:
+    """Our parameter name -> (safetensors file, checkpoint key), from the files' headers only."""
+    index: dict[str, tuple[Path, str]] = {}
     for path in checkpoint_files(source.directory):
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             for hf_key in handle.keys():
@@ -95,11 +96,22 @@ def iter_hf_tensors(source: HFSource) -> Iterator[tuple[str, torch.Tensor]]:
                     ours = source.spec.key_map.from_hf(hf_key)
                 except KeyError:
                     raise ValueError(
-                        f"{path.name}: unexpected tensor {hf_key!r} "
-                        f"for a {source.spec.family} model"
+                        f"{path.name}: unexpected tensor {hf_key!r} for a {source.spec.family} model"
                     ) from None
                 if ours is not None:
-                    yield ours, handle.get_tensor(hf_key)
+                    index[ours] = (path, hf_key)
+    return index
+
+
+def iter_hf_tensors(source: HFSource) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(our_name, tensor)` for every checkpoint tensor we use, one at a time, on CPU."""
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for ours, (path, hf_key) in checkpoint_index(source).items():
+        by_file.setdefault(path, []).append((ours, hf_key))
+    for path, entries in by_file.items():
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for ours, hf_key in entries:
+                yield ours, handle.get_tensor(hf_key)
 
 
 def build_meta_model(args: ModelArgs, attention_backend: str = "sdpa") -> Decoder:

@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from posttrain.models.common.decoder import Decoder
-from posttrain.models.hf import VOCAB_PARAMS, HFSource, checkpoint_files
+from posttrain.models.hf import VOCAB_PARAMS, HFSource, checkpoint_index
 from posttrain.models.lora import LoRALinear
 
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
@@ -64,23 +64,6 @@ def local_tensor(param: torch.Tensor) -> torch.Tensor:
 def is_distributed(model: nn.Module) -> bool:
     """True when any parameter is a DTensor (FSDP2 or TP applied)."""
     return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def checkpoint_index(source: HFSource) -> dict[str, tuple[Path, str]]:
-    """Our parameter name -> (safetensors file, checkpoint key), from the files' headers only."""
-    index: dict[str, tuple[Path, str]] = {}
-    for path in checkpoint_files(source.directory):
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            for hf_key in handle.keys():
-                try:
-                    ours = source.spec.key_map.from_hf(hf_key)
-                except KeyError:
-                    raise ValueError(
-                        f"{path.name}: unexpected tensor {hf_key!r} for a {source.spec.family} model"
-                    ) from None
-                if ours is not None:
-                    index[ours] = (path, hf_key)
-    return index
 
 
 def read_block(path: Path, hf_key: str, block: tuple[slice, ...], expected: torch.Size, name: str) -> torch.Tensor:

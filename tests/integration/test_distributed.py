@@ -14,43 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from posttrain.cluster.dist_env import find_free_port
 from posttrain.config import SFTConfig, load_config
-from posttrain.demo_task import write_task
 from posttrain.recipes.sft import run_sft
+from tests.integration.sft_configs import write_config as _write_config
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
 
 
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("task")
-    write_task(out, train=200, held_out=8)
-    return out
-
-
 def write_config(path: Path, model_dir: Path, task_dir: Path, run_root: Path, **sections) -> Path:
-    cfg = {
-        "name": "run",
-        "output_dir": str(run_root),
-        "model": {"path": str(model_dir)},
-        "data": {
-            "sources": [{"path": str(task_dir / "train.jsonl"), "fields": {"question": "user", "answer": "assistant"}}],
-            "max_length": 256,
-            "epochs": None,
-        },
-        "train": {"steps": STEPS, "lr": 1e-3, "warmup_steps": 1, "micro_batch_size": 2, "grad_accum": 2},
-        "tracking": {"console": False, "tensorboard": False},
-        "checkpoint": {"resume": "never"},
-    }
-    for section, values in sections.items():
-        cfg.setdefault(section, {}).update(values)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return _write_config(path, model_dir, task_dir, run_root, steps=STEPS, **sections)
 
 
 def run_ranks(world: int, config: Path, *overrides: str, timeout: float = 600) -> list[str]:

@@ -13,44 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
 from posttrain.config import SFTConfig, load_config
-from posttrain.demo_task import write_task
 from posttrain.recipes.sft import run_sft
+from tests.integration.sft_configs import write_config
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("task")
-    write_task(out, train=200, held_out=8)
-    return out
-
-
-def write_config(path: Path, model_dir: Path, task_dir: Path, run_root: Path, **sections) -> Path:
-    cfg = {
-        "name": "run",
-        "output_dir": str(run_root),
-        "model": {"path": str(model_dir)},
-        "data": {
-            "sources": [{"path": str(task_dir / "train.jsonl"), "fields": {"question": "user", "answer": "assistant"}}],
-            "max_length": 256,
-            "epochs": None,
-        },
-        "train": {"steps": 8, "lr": 1e-3, "warmup_steps": 1, "micro_batch_size": 2, "grad_accum": 2},
-        "tracking": {"console": False, "tensorboard": False},
-        "checkpoint": {"resume": "never"},
-    }
-    for section, values in sections.items():
-        cfg.setdefault(section, {})
-        if isinstance(values, dict):
-            cfg[section].update(values)
-        else:
-            cfg[section] = values
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def load(path: Path, *overrides: str) -> SFTConfig:

@@ -1,0 +1,31 @@
+"""Small SFT configs on tiny checkpoints and the generated addition task, shared by recipe tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+
+def write_config(path: Path, model_dir: Path, task_dir: Path, run_root: Path, *, steps: int = 8, **sections) -> Path:
+    """Write a YAML recipe config; each keyword updates (dict) or replaces (other) a section."""
+    cfg = {
+        "name": "run",
+        "output_dir": str(run_root),
+        "model": {"path": str(model_dir)},
+        "data": {
+            "sources": [{"path": str(task_dir / "train.jsonl"), "fields": {"question": "user", "answer": "assistant"}}],
+            "max_length": 256,
+            "epochs": None,
+        },
+        "train": {"steps": steps, "lr": 1e-3, "warmup_steps": 1, "micro_batch_size": 2, "grad_accum": 2},
+        "tracking": {"console": False, "tensorboard": False},
+        "checkpoint": {"resume": "never"},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
+    path.write_text(yaml.safe_dump(cfg))
+    return path
