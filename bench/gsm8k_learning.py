@@ -1,6 +1,6 @@
 """Learning check: does a short SFT teach SmolLM2 GSM8K's answer form (and help accuracy)?
 
-    python bench/gsm8k_learning.py [--steps 30] [--held-out 100] [--precision bf16_autocast]
+    python bench/gsm8k_learning.py [--steps 30] [--held-out 100] [--precision fp32|bf16_autocast]
 
 Holds out the last `--held-out` GSM8K rows, trains on the rest with `configs/sft_smollm2_gsm8k.yaml`
 (full fine-tuning, 4 packed rows of 1024 tokens per step), and scores greedy answers to the held-out
@@ -24,7 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--held-out", type=int, default=100)
-    parser.add_argument("--precision", default="bf16_autocast")
+    parser.add_argument("--precision", default="fp32")
     args = parser.parse_args()
 
     from posttrain.config import SFTConfig, load_config
