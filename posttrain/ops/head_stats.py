@@ -146,6 +146,8 @@ class _HeadStats(torch.autograd.Function):
     def backward(ctx, *grads: Tensor | None):  # type: ignore[override]
         hidden, weight, targets, lse, entropy, teacher_lse = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
+        # statistics that were not asked for are empty; a gradient for them carries nothing
+        grads = tuple(g if g is not None and g.numel() == lse.numel() else None for g in grads)
         if not (need_hidden or need_weight) or all(g is None for g in grads):
             return None, None, None, None, None
         with torch.autocast(hidden.device.type, enabled=False):

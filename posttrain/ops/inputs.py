@@ -86,8 +86,13 @@ def check_head(hidden: Tensor, weight: Tensor, vocab_size: int | None, *, role: 
     return vocab_size
 
 
-def compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
-    """The dtype of the tile GEMMs: the autocast dtype if autocast is on, else the inputs'."""
+def compute_dtype(hidden: Tensor, weight: Tensor, matmul_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype of the tile GEMMs: `matmul_dtype` if given, the autocast dtype if autocast is on,
+    else the inputs' dtype."""
+    if matmul_dtype is not None:
+        if not isinstance(matmul_dtype, torch.dtype) or not matmul_dtype.is_floating_point:
+            raise ValueError(f"matmul_dtype must be a floating-point torch.dtype, got {matmul_dtype!r}")
+        return matmul_dtype
     if torch.is_autocast_enabled(hidden.device.type):
         return torch.get_autocast_dtype(hidden.device.type)
     if hidden.dtype != weight.dtype:
@@ -105,6 +110,7 @@ def select(
     *,
     ignore_index: int,
     vocab_size: int | None,
+    matmul_dtype: torch.dtype | None = None,
     name: str = "labels",
 ) -> Selected:
     """Check the arguments and keep only the positions whose label is not `ignore_index`."""
@@ -133,7 +139,7 @@ def select(
         index=index,
         shape=labels.shape,
         vocab_size=vocab,
-        compute_dtype=compute_dtype(hidden, weight),
+        compute_dtype=compute_dtype(hidden, weight, matmul_dtype),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from posttrain.ops.head_stats import Plan, Teacher, head_stats
@@ -31,6 +32,7 @@ def linear_kl(
     reduction: str = "mean",
     num_valid: int | float | Tensor | None = None,
     vocab_size: int | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Forward KL(teacher || student) per labelled token, student head `hidden @ weight.T`.
 
@@ -47,7 +49,9 @@ def linear_kl(
     check_reduction(reduction)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    sel = select(hidden, weight, labels, ignore_index=ignore_index, vocab_size=vocab_size)
+    sel = select(
+        hidden, weight, labels, ignore_index=ignore_index, vocab_size=vocab_size, matmul_dtype=matmul_dtype
+    )
     scale = 1.0 / temperature
     if (teacher_logits is None) == (teacher_hidden is None and teacher_weight is None):
         raise ValueError("pass either teacher_logits, or teacher_hidden with teacher_weight")

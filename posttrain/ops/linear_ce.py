@@ -32,6 +32,7 @@ def linear_cross_entropy(
     num_valid: int | float | Tensor | None = None,
     vocab_size: int | None = None,
     grads_in_forward: bool = False,
+    matmul_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Token cross-entropy of the LM head, equal to `F.cross_entropy(hidden @ weight.T, labels)`.
 
@@ -51,6 +52,9 @@ def linear_cross_entropy(
             the tokens are split. A count of 0 gives a loss of 0, not NaN.
         vocab_size: real vocabulary size; head rows from it on (padding) get no probability and
             no gradient. Default: all rows.
+        matmul_dtype: dtype of the tile GEMMs. Default: the inputs' dtype (or the autocast
+            dtype). `torch.float32` upcasts each tile of bf16 inputs: exact fp32 logits and
+            gradients, and faster on CPUs without bf16 matrix units (bench/RESULTS.md).
         grads_in_forward: compute the gradients during the forward and keep only them (3 GEMMs
             per tile instead of 4, at the cost of a cached `[chunk, V]` logits chunk and an fp32
             `[V, d]` buffer; see `posttrain.ops.grads_in_forward`). Needs reduction "mean"/"sum".
@@ -63,7 +67,9 @@ def linear_cross_entropy(
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    sel = select(hidden, weight, labels, ignore_index=ignore_index, vocab_size=vocab_size)
+    sel = select(
+        hidden, weight, labels, ignore_index=ignore_index, vocab_size=vocab_size, matmul_dtype=matmul_dtype
+    )
     plan = Plan(
         vocab_size=sel.vocab_size,
         chunk_size=chunk_size,

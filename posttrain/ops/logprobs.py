@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from posttrain.ops.head_stats import Plan, head_stats
@@ -19,6 +20,7 @@ def linear_logprobs(
     return_entropy: bool = False,
     ignore_index: int = -100,
     vocab_size: int | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """`log_softmax(hidden @ weight.T / temperature)` at `targets`, with gradients.
 
@@ -31,7 +33,10 @@ def linear_logprobs(
     check_chunks(chunk_size, vocab_chunk_size)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    sel = select(hidden, weight, targets, ignore_index=ignore_index, vocab_size=vocab_size, name="targets")
+    sel = select(
+        hidden, weight, targets, ignore_index=ignore_index, vocab_size=vocab_size, matmul_dtype=matmul_dtype,
+        name="targets",
+    )  # fmt: skip
     plan = Plan(
         vocab_size=sel.vocab_size,
         chunk_size=chunk_size,

@@ -10,7 +10,7 @@ FP32_TOL = 1e-5
 STRATEGIES = pytest.mark.parametrize("gif", [False, True], ids=["recompute", "grads-in-forward"])
 
 
-def check_against_naive(hidden, weight, labels, tol=FP32_TOL, seed_grad=None, **kwargs):
+def check_against_naive(hidden, weight, labels, tol=FP32_TOL, **kwargs):
     """Values and gradients of ours vs the naive path (same kwargs), relative `tol`."""
     ours_only = ("chunk_size", "vocab_chunk_size", "grads_in_forward")
     chunks = {k: kwargs.pop(k) for k in ours_only if k in kwargs}
@@ -82,6 +82,18 @@ def test_bf16_within_bf16_tolerance_of_fp32_reference(gif):
     # fp32 softmax math beats the all-bf16 naive path on the loss value
     naive_bf16 = F.cross_entropy((hidden @ weight.t()).reshape(-1, 1000), labels.reshape(-1))
     assert abs(ours.item() - ref.item()) < abs(naive_bf16.item() - ref.item())
+
+
+@STRATEGIES
+def test_fp32_matmul_of_bf16_inputs_is_exact_up_to_the_bf16_gradients(gif):
+    hidden, weight, labels = make_inputs(shape=(4, 64), dim=64, vocab=1000, dtype=torch.bfloat16)
+    ours = linear_cross_entropy(
+        hidden, weight, labels, vocab_chunk_size=300, matmul_dtype=torch.float32, grads_in_forward=gif
+    )
+    ref = naive_ce(hidden.float(), weight.float(), labels)
+    assert rel_err(ours, ref) <= FP32_TOL
+    for g, r in zip(grads(ours, hidden, weight), grads(ref, hidden, weight)):
+        assert g.dtype == torch.bfloat16 and rel_err(g, r) < 4e-3  # one bf16 rounding of an fp32 result
 
 
 @pytest.mark.parametrize("reduction,gif", [("mean", False), ("sum", False), ("none", False), ("mean", True)])
@@ -236,6 +248,7 @@ def test_no_grad_forward(gif):
         (lambda h, w, y: (h, w, y), {"num_valid": -1}, "num_valid"),
         (lambda h, w, y: (h, w, y), {"label_smoothing": 1.5}, "label_smoothing"),
         (lambda h, w, y: (h, w, y), {"z_loss": -1.0}, "z_loss"),
+        (lambda h, w, y: (h, w, y), {"matmul_dtype": torch.int8}, "matmul_dtype"),
         (lambda h, w, y: (h, w, y), {"grads_in_forward": True, "reduction": "none"}, "grads_in_forward"),
     ],
 )

@@ -74,6 +74,15 @@ def test_bf16_logprobs_close_to_fp32_reference():
     assert rel_err(lp, r_lp) < 5e-3 and rel_err(ent, r_ent) < 5e-3
 
 
+def test_fp32_matmul_logprobs_of_bf16_inputs():
+    hidden, weight, targets = make_inputs(shape=(2, 40), dim=64, vocab=500, dtype=torch.bfloat16)
+    lp, ent = linear_logprobs(
+        hidden, weight, targets, return_entropy=True, vocab_chunk_size=128, matmul_dtype=torch.float32
+    )
+    r_lp, r_ent = reference(hidden, weight, targets)
+    assert rel_err(lp, r_lp) <= 1e-5 and rel_err(ent, r_ent) <= 1e-5
+
+
 def test_all_targets_ignored():
     hidden, weight, targets = make_inputs()
     targets.fill_(IGNORE)
