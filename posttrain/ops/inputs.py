@@ -38,6 +38,23 @@ class Selected:
         return out.index_copy(0, self.index, values).view(self.shape)
 
 
+class _SelectRows(torch.autograd.Function):
+    """`x.index_select(0, index)` for unique indices, with a backward that copies instead of
+    accumulating (the generic index_add backward is ~5x slower on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        full = grad.new_zeros((ctx.rows, *grad.shape[1:]))
+        return full.index_copy_(0, index, grad), None
+
+
 def _is_dtensor(t: Tensor) -> bool:
     if not torch.distributed.is_available():
         return False
@@ -134,7 +151,7 @@ def select(
                 "check the tokenizer/model vocabulary, vocab_size, and the ignore_index used by the data"
             )
     return Selected(
-        hidden=hidden.reshape(-1, hidden.shape[-1]).index_select(0, index),
+        hidden=_SelectRows.apply(hidden.reshape(-1, hidden.shape[-1]), index),
         targets=targets,
         index=index,
         shape=labels.shape,
