@@ -142,7 +142,10 @@ def test_deterministic_error_exhausts_restarts_with_its_traceback(ray_instance):
     assert "Traceback" in text and "rank1_raises" in text  # the remote traceback itself
     assert [(f.rank, f.error_type) for f in info.value.failures] == [(1, "ValueError")] * 2
     assert isinstance(info.value.__cause__, WorkerGroupError)
-    assert time.monotonic() - start < 120  # rank 0's hanging barrier was not waited for
+    # Rank 0 hangs in a barrier that would only end at the 30-minute default collective timeout;
+    # finishing well inside it shows the driver did not wait for it (the bound leaves room for a
+    # loaded 2-core machine, where two group starts alone can take minutes).
+    assert time.monotonic() - start < 900
 
 
 def test_group_that_cannot_fit_times_out_and_frees_its_reservation(ray_instance):
