@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from posttrain.models.common.config import FULL_ATTENTION, SLIDING_ATTENTION, RopeArgs
+from posttrain.models.common.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelArgs, RopeArgs
 
 ACTIVATION_NAMES = {
     "silu": "silu",
@@ -96,3 +96,18 @@ def windowed_layer_types(config: dict[str, Any], num_layers: int, window: int | 
         return list(types)
     kind = SLIDING_ATTENTION if window is not None else FULL_ATTENTION
     return [kind] * num_layers
+
+
+def size_fields(args: ModelArgs, model_type: str) -> dict[str, Any]:
+    """The config.json entries every family writes the same way: type, sizes, norm eps, context."""
+    return {
+        "model_type": model_type,
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.intermediate_size,
+        "num_hidden_layers": args.num_layers,
+        "num_attention_heads": args.num_heads,
+        "num_key_value_heads": args.num_kv_heads,
+        "rms_norm_eps": args.norm_eps,
+        "max_position_embeddings": args.max_position_embeddings,
+    }

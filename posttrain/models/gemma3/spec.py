@@ -94,16 +94,8 @@ def _query_pre_attn_scalar(args: ModelArgs) -> int | float:
 
 def args_to_hf(args: ModelArgs, model_type: str) -> dict[str, Any]:
     return {
-        "model_type": model_type,
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.hidden_size,
-        "intermediate_size": args.intermediate_size,
-        "num_hidden_layers": args.num_layers,
-        "num_attention_heads": args.num_heads,
-        "num_key_value_heads": args.num_kv_heads,
+        **hf.size_fields(args, model_type),
         "head_dim": args.head_dim,
-        "rms_norm_eps": args.norm_eps,
-        "max_position_embeddings": args.max_position_embeddings,
         "layer_types": list(args.layer_types),
         "sliding_window": args.sliding_window,
         "rope_parameters": {kind: hf.rope_to_hf(rope) for kind, rope in args.rope.items()},

@@ -42,16 +42,8 @@ def args_from_hf(config: dict[str, Any]) -> ModelArgs:
 
 def args_to_hf(args: ModelArgs, model_type: str) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "model_type": model_type,
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.hidden_size,
-        "intermediate_size": args.intermediate_size,
-        "num_hidden_layers": args.num_layers,
-        "num_attention_heads": args.num_heads,
-        "num_key_value_heads": args.num_kv_heads,
+        **hf.size_fields(args, model_type),
         "head_dim": args.head_dim,
-        "rms_norm_eps": args.norm_eps,
-        "max_position_embeddings": args.max_position_embeddings,
         "rope_parameters": hf.rope_to_hf(next(iter(args.rope.values()))),
         "attention_bias": args.attention_bias,
         "hidden_act": hf.ACTIVATION_TO_HF[args.activation],

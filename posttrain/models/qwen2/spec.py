@@ -55,15 +55,7 @@ def qwen_common(config: dict[str, Any]) -> dict[str, Any]:
 def qwen_common_to_hf(args: ModelArgs, model_type: str) -> dict[str, Any]:
     sliding = args.sliding_window is not None
     return {
-        "model_type": model_type,
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.hidden_size,
-        "intermediate_size": args.intermediate_size,
-        "num_hidden_layers": args.num_layers,
-        "num_attention_heads": args.num_heads,
-        "num_key_value_heads": args.num_kv_heads,
-        "rms_norm_eps": args.norm_eps,
-        "max_position_embeddings": args.max_position_embeddings,
+        **hf.size_fields(args, model_type),
         "rope_parameters": hf.rope_to_hf(args.rope[FULL_ATTENTION]),
         "hidden_act": hf.ACTIVATION_TO_HF[args.activation],
         "tie_word_embeddings": args.tie_embeddings,
