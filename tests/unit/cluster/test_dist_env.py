@@ -18,16 +18,21 @@ from posttrain.cluster.dist_env import default_backend
 ROOT = Path(__file__).resolve().parents[3]
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
-# Run as a separate process: join the world from the environment, all_reduce the ranks, report.
+# Run as a separate process: join the world from the environment, all_reduce the ranks, report on
+# stdout, or into DIR/rank<N>.json when a directory is given (ranks sharing one stdout interleave).
 RANK_SCRIPT = """
-import json, torch, torch.distributed as dist
+import json, pathlib, sys, torch, torch.distributed as dist
 from posttrain.cluster import init_distributed, destroy_distributed
 env = init_distributed()
 total = torch.tensor([float(env.rank + 1)])
 dist.all_reduce(total)
-print(json.dumps({"rank": env.rank, "world_size": env.world_size, "local_rank": env.local_rank,
-                  "device": str(env.device), "backend": env.backend, "sum": total.item(),
-                  "again": init_distributed().rank}))
+report = json.dumps({"rank": env.rank, "world_size": env.world_size, "local_rank": env.local_rank,
+                     "device": str(env.device), "backend": env.backend, "sum": total.item(),
+                     "again": init_distributed().rank})
+if len(sys.argv) > 1:
+    (pathlib.Path(sys.argv[1]) / f"rank{env.rank}.json").write_text(report)
+else:
+    print(report)
 destroy_distributed()
 """
 
@@ -121,9 +126,9 @@ def test_runs_under_torchrun_unchanged(tmp_path):
     script.write_text(RANK_SCRIPT)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
                 "--master-addr=127.0.0.1", f"--master-port={find_free_port('127.0.0.1')}"]
-    proc = subprocess.run([*torchrun, str(script)], env=_child_env(), cwd=ROOT,
+    proc = subprocess.run([*torchrun, str(script), str(tmp_path)], env=_child_env(), cwd=ROOT,
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
-    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    reports = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(r["rank"] for r in reports) == [0, 1]
     assert all(r["world_size"] == 2 and r["sum"] == 3.0 for r in reports)
