@@ -1,12 +1,14 @@
 """SFT throughput and memory: posttrain vs TRL `SFTTrainer`, same model, data and settings.
 
     python bench/sft_vs_trl.py [--steps 7] [--warmup 2] [--precisions fp32,bf16]
+                               [--activation-checkpointing on|off]
 
 Both sides train SmolLM2-135M-Instruct on GSM8K (prompt = question, completion = answer, loss on
 the completion only), packed rows of 1024 tokens, 1 row per micro-batch x 4 micro-batches per
-optimiser step (~4,096 tokens), AdamW, no activation checkpointing, on this machine's CPU. Each
-side runs in its own process (peak RSS is the process's), and reports the median over the steps
-after `--warmup`. `bf16` means bf16 autocast with fp32 weights on both sides.
+optimiser step (~4,096 tokens), AdamW, on this machine's CPU, with activation checkpointing per
+block on both sides or off on both (on is TRL's default). Each side runs in its own process (peak
+RSS is the process's), and reports the median over the steps after `--warmup`. `bf16` means bf16
+autocast with fp32 weights on both sides.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_ours(steps: int, precision: str, workdir: Path) -> dict:
+def run_ours(steps: int, precision: str, checkpointing: bool, workdir: Path) -> dict:
     from posttrain.config import SFTConfig, load_config
     from posttrain.models.hub import import_model
     from posttrain.recipes.sft import run_sft
@@ -40,7 +42,7 @@ def run_ours(steps: int, precision: str, workdir: Path) -> dict:
     cfg_path.write_text(json.dumps({
         "name": f"bench-{precision}",
         "output_dir": str(workdir),
-        "model": {"path": str(model_dir)},
+        "model": {"path": str(model_dir), "activation_checkpointing": checkpointing},
         "data": {"sources": [{"path": str(GSM8K), "fields": {"question": "user", "answer": "assistant"}}],
                  "max_length": MAX_LENGTH, "epochs": None},
         "train": {"steps": steps, "micro_batch_size": MICRO, "grad_accum": ACCUM, "lr": LR,
@@ -62,7 +64,7 @@ def run_ours(steps: int, precision: str, workdir: Path) -> dict:
     }
 
 
-def run_trl(steps: int, precision: str, workdir: Path) -> dict:
+def run_trl(steps: int, precision: str, checkpointing: bool, workdir: Path) -> dict:
     import datasets
     import torch
     from datasets import Dataset
@@ -107,7 +109,7 @@ def run_trl(steps: int, precision: str, workdir: Path) -> dict:
     args = SFTConfig(
         output_dir=str(workdir / "trl"), max_steps=steps, per_device_train_batch_size=MICRO,
         gradient_accumulation_steps=ACCUM, learning_rate=LR, lr_scheduler_type="constant",
-        max_length=MAX_LENGTH, packing=True, completion_only_loss=True, gradient_checkpointing=False,
+        max_length=MAX_LENGTH, packing=True, completion_only_loss=True, gradient_checkpointing=checkpointing,
         bf16=precision == "bf16", use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
         dataloader_num_workers=0, seed=0, disable_tqdm=True,
     )
@@ -139,7 +141,8 @@ def child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         fn = run_ours if args.side == "ours" else run_trl
-        print("RESULT " + json.dumps(fn(args.steps, args.precision, Path(tmp))), flush=True)
+        checkpointing = args.activation_checkpointing == "on"
+        print("RESULT " + json.dumps(fn(args.steps, args.precision, checkpointing, Path(tmp))), flush=True)
 
 
 def main() -> None:
@@ -147,6 +150,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--activation-checkpointing", choices=["on", "off"], default="on")
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -162,7 +166,8 @@ def main() -> None:
         results = {}
         for side in ("ours", "trl"):
             proc = subprocess.run(
-                [sys.executable, __file__, "--side", side, "--precision", precision, "--steps", str(args.steps)],
+                [sys.executable, __file__, "--side", side, "--precision", precision, "--steps", str(args.steps),
+                 "--activation-checkpointing", args.activation_checkpointing],
                 capture_output=True, text=True, cwd=REPO,
             )
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -170,12 +175,14 @@ def main() -> None:
                 sys.exit(f"{side} ({precision}) failed:\n{proc.stderr[-4000:]}")
             results[side] = summarise(json.loads(line[7:]), args.warmup)
         ours, trl = results["ours"], results["trl"]
-        print(f"\n{precision}: median of {args.steps - args.warmup} steps after {args.warmup} warm-up")
+        print(f"\n{precision}, activation checkpointing {args.activation_checkpointing}: "
+              f"median of {args.steps - args.warmup} steps after {args.warmup} warm-up")
         print(f"{'':24}{'posttrain':>12}{'TRL':>12}{'ours/TRL':>10}")
         for key in ("sec_per_step", "trained_tokens_per_s", "tokens_per_step", "peak_rss_gib"):
             print(f"{key:24}{ours[key]:12.2f}{trl[key]:12.2f}{ours[key] / trl[key]:10.2f}")
         print(f"{'posttrain MFU':24}{ours['mfu']:12.1%}  (vs measured {precision} matmul peak)")
-        print("JSON " + json.dumps({"precision": precision, "ours": ours, "trl": trl}))
+        print("JSON " + json.dumps({"precision": precision, "activation_checkpointing": args.activation_checkpointing,
+                                    "ours": ours, "trl": trl}))
 
 
 if __name__ == "__main__":
