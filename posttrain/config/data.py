@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Where a source column may be mapped (`SourceConfig.fields`): a chat role builds a one-turn
-# conversation in mapping order; the other names are the canonical row fields.
+# conversation ordered system, user, assistant; the other names are the canonical row fields.
 ROLE_TARGETS = ("system", "user", "assistant")
 FIELD_TARGETS = ("messages", "prompt", "completion", "chosen", "rejected", "reference", "tools")
 

@@ -8,7 +8,7 @@ Accepted row formats (after the source's field mapping):
   prompt): a preference pair for DPO;
 - `prompt` + optional `reference`: an RL prompt with its reference answer.
 A mapping of columns to roles (GSM8K: `question -> user`, `answer -> assistant`) builds a one-turn
-conversation in mapping order.
+conversation ordered system, user, assistant (not by the mapping's key order).
 """
 
 from __future__ import annotations
@@ -63,10 +63,17 @@ Example = Conversation | TextExample | PreferenceExample | PromptExample
 
 
 def apply_field_map(data: dict, fields: dict[str, str]) -> dict:
-    """Rename columns per `fields`; columns mapped to roles become a one-turn `messages`."""
+    """Rename columns per `fields`; columns mapped to roles become a one-turn `messages`.
+
+    The turn is ordered system, user, assistant whatever the mapping's key order: a config that
+    went through a key-sorting YAML writer must not turn into answer-before-question rows.
+    """
     if not fields:
         return data
-    role_columns = [(col, target) for col, target in fields.items() if target in ROLE_TARGETS]
+    role_columns = sorted(
+        ((col, target) for col, target in fields.items() if target in ROLE_TARGETS),
+        key=lambda column_role: ROLE_TARGETS.index(column_role[1]),
+    )
     if role_columns:
         messages = []
         for column, role in role_columns:
