@@ -1,6 +1,7 @@
 """Learning check: does a short SFT teach SmolLM2 GSM8K's answer form (and help accuracy)?
 
     python bench/gsm8k_learning.py [--steps 30] [--held-out 100] [--precision fp32|bf16_autocast]
+                                   [KEY=VALUE ...]   (config overrides, e.g. train.lr=1e-4)
 
 Holds out the last `--held-out` GSM8K rows, trains on the rest with `configs/sft_smollm2_gsm8k.yaml`
 (full fine-tuning, 4 packed rows of 1024 tokens per step), and scores greedy answers to the held-out
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--held-out", type=int, default=100)
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, applied last")
     args = parser.parse_args()
 
     from posttrain.config import SFTConfig, load_config
@@ -48,6 +50,7 @@ def main() -> None:
                 f"output_dir={tmp / 'runs'}",
                 "checkpoint.save_at_end=false",
                 "tracking.console=false",
+                *args.overrides,
             ],
             SFTConfig,
         )

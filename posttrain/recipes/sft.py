@@ -233,7 +233,7 @@ def run_sft(cfg: SFTConfig, env: DistEnv | None = None, attempt: int = 0) -> SFT
                       run_name=cfg.name, hparams=hparams, rank=env.rank)
     try:
         if evaluator is not None and cfg.eval.at_start and start_step == 0:
-            result.eval = evaluator.run(model)
+            result.eval = evaluator.run(model, 0, run_dir)
             tracker.log(0, {f"eval/{k}": v for k, v in result.eval.items()})
         batches = _Batches(loader, per_step, device)
         step = start_step
@@ -285,7 +285,7 @@ def run_sft(cfg: SFTConfig, env: DistEnv | None = None, attempt: int = 0) -> SFT
                 tracker.log(step, metrics)
 
             if evaluator is not None and cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
-                result.eval = evaluator.run(model)
+                result.eval = evaluator.run(model, step, run_dir)
                 tracker.log(step, {f"eval/{k}": v for k, v in result.eval.items()})
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total_steps:
                 save_checkpoint(run_dir, step, app_state, _meta(cfg, counters), keep_last=cfg.checkpoint.keep_last)
@@ -300,7 +300,7 @@ def run_sft(cfg: SFTConfig, env: DistEnv | None = None, attempt: int = 0) -> SFT
         if cfg.checkpoint.save_at_end and result.steps > start_step:
             save_checkpoint(run_dir, result.steps, app_state, _meta(cfg, counters), keep_last=cfg.checkpoint.keep_last)
         if evaluator is not None and not (cfg.eval.every_steps and result.steps % cfg.eval.every_steps == 0 and result.steps > start_step):
-            result.eval = evaluator.run(model)
+            result.eval = evaluator.run(model, result.steps, run_dir)
             tracker.log(result.steps, {f"eval/{k}": v for k, v in result.eval.items()})
         if env.is_main or mesh is not None:  # a sharded model is gathered by every rank
             export_dir = export_model(cfg, model, model_dir, run_dir / "export")
@@ -336,12 +336,14 @@ class _Evaluator:
             if cfg.eval.scorer and (env.is_main or sharded) else []
         )
 
-    def run(self, model: nn.Module) -> dict[str, float]:
+    def run(self, model: nn.Module, step: int, run_dir: Path) -> dict[str, float]:
+        """Metrics at `step`; the main rank writes the scored answers to `run_dir/eval/step_<N>.jsonl`."""
         out = {"loss": eval_loss(model, self.batches, causal_lm_loss, precision=self.cfg.train.precision,
                                  device=self.env.device, dp_group=self.dp.group)}
         if self.prompts:
             with torch.autocast(self.env.device.type, dtype=torch.bfloat16,
                                 enabled=self.cfg.train.precision == "bf16_autocast"):
+                samples = run_dir / "eval" / f"step_{step}.jsonl" if self.env.is_main else None
                 out.update(generation_scores(model, self.tokenizer, self.prompts, self.cfg.eval.scorer,
-                                             max_new_tokens=self.cfg.eval.max_new_tokens))
+                                             max_new_tokens=self.cfg.eval.max_new_tokens, samples_path=samples))
         return out

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch.nn as nn
 
@@ -66,17 +68,29 @@ def generation_scores(
     *,
     max_new_tokens: int,
     batch_size: int = 16,
+    samples_path: Path | None = None,
 ) -> dict[str, float]:
-    """Greedy answers to `prompts`, scored; returns the mean of each scorer metric."""
+    """Greedy answers to `prompts`, scored; returns the mean of each scorer metric.
+
+    With `samples_path`, every prompt's last message, the answer, the reference and the scores are
+    written there as JSONL, so a metric can be read next to the text behind it.
+    """
     score = get_scorer(scorer)
     totals: dict[str, float] = {}
+    samples: list[dict] = []
     was_training = model.training
     model.eval()
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         out = generate(model, tokenizer, [p.messages for p in chunk], max_new_tokens=max_new_tokens, temperature=0.0)
         for prompt, text in zip(chunk, out.texts):
-            for key, value in score(text, prompt.reference).items():
+            scores = score(text, prompt.reference)
+            for key, value in scores.items():
                 totals[key] = totals.get(key, 0.0) + value
+            samples.append({"prompt": prompt.messages[-1]["content"], "response": text,
+                            "reference": prompt.reference, **scores})
     model.train(was_training)
+    if samples_path is not None:
+        samples_path.parent.mkdir(parents=True, exist_ok=True)
+        samples_path.write_text("".join(json.dumps(s) + "\n" for s in samples))
     return {key: value / max(len(prompts), 1) for key, value in totals.items()}

@@ -165,6 +165,28 @@ def test_training_lowers_loss_and_exports(tiny_checkpoints, task_dir, tmp_path, 
         torch.testing.assert_close(_hf_logits(adapted, ids), _hf_logits(merged, ids), rtol=1e-4, atol=1e-4)
 
 
+def test_generation_eval_writes_the_scored_answers(tiny_checkpoints, task_dir, tmp_path):
+    """eval.scorer: each evaluation's metric is the mean over the answers it writes next to it."""
+    cfg_path = write_config(
+        tmp_path / "cfg.yaml", tiny_checkpoints["llama"], task_dir, tmp_path, train={"steps": 2},
+        eval={"sources": [{"path": str(task_dir / "held_out.jsonl"), "fields": {"question": "user", "answer": "assistant"}}],
+              "at_start": True, "scorer": "addition", "max_new_tokens": 6},
+    )
+    result = run_sft(load(cfg_path))
+    run_dir = Path(result.run_dir)
+    logged = {m["step"]: m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+              if "eval/loss" in m}
+    assert sorted(logged) == [0, 2]
+    held_out = [json.loads(line) for line in (task_dir / "held_out.jsonl").read_text().splitlines()]
+    for step, metrics in logged.items():
+        samples = [json.loads(line) for line in (run_dir / "eval" / f"step_{step}.jsonl").read_text().splitlines()]
+        assert [s["reference"] for s in samples] == [row["answer"] for row in held_out]
+        assert [s["prompt"] for s in samples] == [row["question"] for row in held_out]
+        assert all(isinstance(s["response"], str) for s in samples)
+        for key in ("format", "correct"):
+            assert metrics[f"eval/{key}"] == pytest.approx(sum(s[key] for s in samples) / len(samples))
+
+
 def test_activation_checkpointing_gives_same_step(tiny_checkpoints, task_dir, tmp_path):
     losses = []
     for ac in (False, True):
