@@ -63,10 +63,10 @@ def main() -> None:
         started = time.perf_counter()
         result = run_sft(cfg)
         metrics = [json.loads(x) for x in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]
-        samples_file = Path(result.run_dir) / "eval" / f"step_{result.steps}.jsonl"
-        samples = [json.loads(x) for x in samples_file.read_text().splitlines()]
+        samples_text = (Path(result.run_dir) / "eval" / f"step_{result.steps}.jsonl").read_text()
+        samples = [json.loads(x) for x in samples_text.splitlines()]
         if args.samples_out:
-            Path(args.samples_out).write_text(samples_file.read_text())
+            Path(args.samples_out).write_text(samples_text)
     before = next(m for m in metrics if "eval/format" in m)
     after = result.eval
     losses = [m["loss"] for m in metrics if "loss" in m]

@@ -231,10 +231,14 @@ def run_sft(cfg: SFTConfig, env: DistEnv | None = None, attempt: int = 0) -> SFT
     stop = install_stop_handler()
     tracker = Tracker(run_dir, cfg.tracking, total_steps=total_steps, start_step=start_step,
                       run_name=cfg.name, hparams=hparams, rank=env.rank)
+
+    def evaluate(at_step: int) -> None:
+        result.eval = evaluator.run(model, at_step)
+        tracker.log(at_step, {f"eval/{k}": v for k, v in result.eval.items()})
+
     try:
         if evaluator is not None and cfg.eval.at_start and start_step == 0:
-            result.eval = evaluator.run(model, 0, run_dir)
-            tracker.log(0, {f"eval/{k}": v for k, v in result.eval.items()})
+            evaluate(0)
         batches = _Batches(loader, per_step, device)
         step = start_step
         while step < total_steps:
@@ -285,8 +289,7 @@ def run_sft(cfg: SFTConfig, env: DistEnv | None = None, attempt: int = 0) -> SFT
                 tracker.log(step, metrics)
 
             if evaluator is not None and cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
-                result.eval = evaluator.run(model, step, run_dir)
-                tracker.log(step, {f"eval/{k}": v for k, v in result.eval.items()})
+                evaluate(step)
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total_steps:
                 save_checkpoint(run_dir, step, app_state, _meta(cfg, counters), keep_last=cfg.checkpoint.keep_last)
             if stop.should_stop(device):
@@ -300,8 +303,7 @@ def run_sft(cfg: SFTConfig, env: DistEnv | None = None, attempt: int = 0) -> SFT
         if cfg.checkpoint.save_at_end and result.steps > start_step:
             save_checkpoint(run_dir, result.steps, app_state, _meta(cfg, counters), keep_last=cfg.checkpoint.keep_last)
         if evaluator is not None and not (cfg.eval.every_steps and result.steps % cfg.eval.every_steps == 0 and result.steps > start_step):
-            result.eval = evaluator.run(model, result.steps, run_dir)
-            tracker.log(result.steps, {f"eval/{k}": v for k, v in result.eval.items()})
+            evaluate(result.steps)
         if env.is_main or mesh is not None:  # a sharded model is gathered by every rank
             export_dir = export_model(cfg, model, model_dir, run_dir / "export")
             result.export_dir = str(export_dir) if env.is_main else None
@@ -336,14 +338,14 @@ class _Evaluator:
             if cfg.eval.scorer and (env.is_main or sharded) else []
         )
 
-    def run(self, model: nn.Module, step: int, run_dir: Path) -> dict[str, float]:
-        """Metrics at `step`; the main rank writes the scored answers to `run_dir/eval/step_<N>.jsonl`."""
+    def run(self, model: nn.Module, step: int) -> dict[str, float]:
+        """Metrics at `step`; the main rank writes the scored answers to `<run>/eval/step_<N>.jsonl`."""
         out = {"loss": eval_loss(model, self.batches, causal_lm_loss, precision=self.cfg.train.precision,
                                  device=self.env.device, dp_group=self.dp.group)}
         if self.prompts:
             with torch.autocast(self.env.device.type, dtype=torch.bfloat16,
                                 enabled=self.cfg.train.precision == "bf16_autocast"):
-                samples = run_dir / "eval" / f"step_{step}.jsonl" if self.env.is_main else None
+                samples = self.cfg.run_dir / "eval" / f"step_{step}.jsonl" if self.env.is_main else None
                 out.update(generation_scores(model, self.tokenizer, self.prompts, self.cfg.eval.scorer,
                                              max_new_tokens=self.cfg.eval.max_new_tokens, samples_path=samples))
         return out

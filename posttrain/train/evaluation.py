@@ -76,21 +76,19 @@ def generation_scores(
     written there as JSONL, so a metric can be read next to the text behind it.
     """
     score = get_scorer(scorer)
-    totals: dict[str, float] = {}
     samples: list[dict] = []
+    scores: list[dict[str, float]] = []
     was_training = model.training
     model.eval()
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         out = generate(model, tokenizer, [p.messages for p in chunk], max_new_tokens=max_new_tokens, temperature=0.0)
         for prompt, text in zip(chunk, out.texts):
-            scores = score(text, prompt.reference)
-            for key, value in scores.items():
-                totals[key] = totals.get(key, 0.0) + value
+            scores.append(score(text, prompt.reference))
             samples.append({"prompt": prompt.messages[-1]["content"], "response": text,
-                            "reference": prompt.reference, **scores})
+                            "reference": prompt.reference, **scores[-1]})
     model.train(was_training)
     if samples_path is not None:
         samples_path.parent.mkdir(parents=True, exist_ok=True)
         samples_path.write_text("".join(json.dumps(s) + "\n" for s in samples))
-    return {key: value / max(len(prompts), 1) for key, value in totals.items()}
+    return {key: sum(s[key] for s in scores) / len(scores) for key in (scores[0] if scores else {})}

@@ -18,8 +18,8 @@ from posttrain.cluster.dist_env import default_backend
 ROOT = Path(__file__).resolve().parents[3]
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
-# Run as a separate process: join the world from the environment, all_reduce the ranks, report on
-# stdout, or into DIR/rank<N>.json when a directory is given (ranks sharing one stdout interleave).
+# Run as a separate process: join the world from the environment, all_reduce the ranks, and write
+# the report to DIR/rank<N>.json (DIR = argv[1]; ranks that share one stdout can interleave lines).
 RANK_SCRIPT = """
 import json, pathlib, sys, torch, torch.distributed as dist
 from posttrain.cluster import init_distributed, destroy_distributed
@@ -29,10 +29,7 @@ dist.all_reduce(total)
 report = json.dumps({"rank": env.rank, "world_size": env.world_size, "local_rank": env.local_rank,
                      "device": str(env.device), "backend": env.backend, "sum": total.item(),
                      "again": init_distributed().rank})
-if len(sys.argv) > 1:
-    (pathlib.Path(sys.argv[1]) / f"rank{env.rank}.json").write_text(report)
-else:
-    print(report)
+(pathlib.Path(sys.argv[1]) / f"rank{env.rank}.json").write_text(report)
 destroy_distributed()
 """
 
@@ -95,27 +92,26 @@ def _child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _reports(procs: list[subprocess.Popen]) -> list[dict]:
-    reports = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
-        reports.append(json.loads(out.strip().splitlines()[-1]))
-    return sorted(reports, key=lambda r: r["rank"])
+def _reports(report_dir: Path) -> list[dict]:
+    """The rank reports written to `report_dir`, by rank."""
+    return [json.loads(path.read_text()) for path in sorted(report_dir.glob("rank*.json"))]
 
 
-def test_torchrun_style_environment_forms_a_two_rank_world():
+def test_torchrun_style_environment_forms_a_two_rank_world(tmp_path):
     port = str(find_free_port("127.0.0.1"))
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", RANK_SCRIPT],
+            [sys.executable, "-c", RANK_SCRIPT, str(tmp_path)],
             env=_child_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                            LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         )
         for rank in range(2)
     ]
-    reports = _reports(procs)
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    reports = _reports(tmp_path)
     assert [r["rank"] for r in reports] == [0, 1] and [r["local_rank"] for r in reports] == [0, 1]
     assert all(r["world_size"] == 2 and r["sum"] == 3.0 and r["backend"] == "gloo" for r in reports)
     assert all(r["device"] == "cpu" and r["again"] == r["rank"] for r in reports)
@@ -129,6 +125,6 @@ def test_runs_under_torchrun_unchanged(tmp_path):
     proc = subprocess.run([*torchrun, str(script), str(tmp_path)], env=_child_env(), cwd=ROOT,
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
-    reports = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
+    reports = _reports(tmp_path)
     assert sorted(r["rank"] for r in reports) == [0, 1]
     assert all(r["world_size"] == 2 and r["sum"] == 3.0 for r in reports)

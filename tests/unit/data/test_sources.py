@@ -58,8 +58,8 @@ def test_field_mapping_gsm8k_and_rl(rows):
         {"role": "assistant", "content": rows[0]["answer"]},
     ]
     # Key order does not decide turn order (a key-sorting YAML writer puts "answer" first).
-    swapped = parse_row({**rows[0], "note": "Be brief."}, SourceConfig(path="x", fields={"answer": "assistant", "note": "system",
-                                                                 "question": "user"}), task="sft")
+    sorted_keys = {"answer": "assistant", "note": "system", "question": "user"}
+    swapped = parse_row({**rows[0], "note": "Be brief."}, SourceConfig(path="x", fields=sorted_keys), task="sft")
     assert [m["role"] for m in swapped.messages] == ["system", "user", "assistant"]
     assert swapped.messages[1:] == conv.messages
     rl = parse_row(rows[0], SourceConfig(path="x", fields={"question": "prompt", "answer": "reference"}),
