@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow  # a second Ray cluster and a second driver: ~25-4
 
 DRIVER = """
 import json
-from posttrain.cluster import launch
+from posttrain.cluster.launch import launch
 from posttrain.config.launcher import LauncherConfig
 cfg = LauncherConfig(backend="ray", num_workers=2, cpus_per_worker=0.5, address="auto")
 result = launch("tests.integration.test_cluster_address:report", "hello", cfg)

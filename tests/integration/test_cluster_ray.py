@@ -15,16 +15,10 @@ import ray
 import torch
 import torch.distributed as dist
 
-from posttrain.cluster import (
-    DistEnv,
-    LaunchError,
-    RestartEvent,
-    Worker,
-    WorkerGroup,
-    WorkerGroupError,
-    init_ray,
-    launch,
-)
+from posttrain.cluster import DistEnv, Worker
+from posttrain.cluster.launch import LaunchError, RestartEvent, launch
+from posttrain.cluster.ray_runtime import init_ray
+from posttrain.cluster.worker_group import WorkerGroup, WorkerGroupError
 from posttrain.config.launcher import LauncherConfig
 
 

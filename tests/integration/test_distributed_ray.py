@@ -15,7 +15,9 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from posttrain.cluster import DistEnv, init_ray, launch
+from posttrain.cluster import DistEnv
+from posttrain.cluster.launch import launch
+from posttrain.cluster.ray_runtime import init_ray
 from posttrain.config import SFTConfig, load_config
 from posttrain.config.launcher import LauncherConfig
 from posttrain.recipes.sft import SFTResult, run_sft

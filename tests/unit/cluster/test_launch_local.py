@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from posttrain.cluster import DistEnv, launch
+from posttrain.cluster import DistEnv
+from posttrain.cluster.launch import launch
 from posttrain.config.launcher import LauncherConfig
 
 
