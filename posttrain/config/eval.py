@@ -29,6 +29,10 @@ class EvalConfig(Section):
 
     max_new_tokens: int = Field(default=256, ge=1)
 
+    repetition_penalty: float = Field(default=1.0, gt=0)
+    """Greedy answers with this repetition penalty (1 = none; e.g. 1.1 breaks the loops small
+    models fall into). Applied to the baseline and every later evaluation alike."""
+
     @field_validator("scorer")
     @classmethod
     def _check_scorer(cls, value: str | None) -> str | None:

@@ -10,7 +10,9 @@ row's tokens are the same as if it were generated alone (up to floating-point no
 
 Log-probs are those of the sampling distribution before truncation: `log_softmax(logits / T)`
 (T = 1 for greedy), which is what an RL trainer recomputes from its own forward pass; top-k/top-p
-only restrict which tokens can be drawn.
+only restrict which tokens can be drawn. A repetition penalty (off by default) changes the logits
+themselves, so the log-probs are then those of the penalised distribution and no longer match a
+plain forward pass.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means no limit
+    repetition_penalty: float = 1.0  # 1 means none; > 1 discourages tokens already in the row
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -53,6 +56,16 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = no limit); got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = none); got {self.repetition_penalty}")
+
+
+def penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The CTRL-style repetition penalty (as in transformers and vLLM): the logit of every token
+    already in the row (prompt or generated; `seen` [B, V] bool) is divided by `penalty` where
+    positive and multiplied by it where negative, so penalty > 1 always makes it less likely."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
 
 
 def sample(
@@ -170,13 +183,15 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    repetition_penalty: float = 1.0,
     stop: Sequence[str | int] | None = None,
     seed: int = 0,
     prefill: str = "left",
 ) -> GenerationOutput:
     """Sample up to `max_new_tokens` for every prompt in one batch.
 
-    `temperature=0` is greedy. A row stops at an EOS token (tokenizer, config or generation
+    `temperature=0` is greedy; `repetition_penalty` > 1 discourages every token already in the row
+    (`penalise_repeats`), greedy decoding included. A row stops at an EOS token (tokenizer, config or generation
     config), at any integer token id in `stop`, or when its text contains a string in `stop`.
     Sampling is deterministic for a given batch and `seed`.
     """
@@ -184,7 +199,7 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     if prefill not in ("left", "packed"):
         raise ValueError(f"prefill must be 'left' or 'packed'; got {prefill!r}")
-    params = SamplingParams(temperature, top_p, top_k)
+    params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
     prompt_ids = tokenize_prompts(tokenizer, prompts)
     eos = stop_token_ids(model, tokenizer, stop)
     stop_strings = _StopStrings(tokenizer, [s for s in stop or () if isinstance(s, str)])
@@ -209,12 +224,22 @@ def generate(
         hidden = model(input_ids, positions, padded_attention(key_mask[:, :prompt_len]), cache)
         logits = model.logits(hidden[:, -1])
 
+    seen = None  # [rows, V]: tokens each row holds so far, only kept for a repetition penalty
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=device)
+        for i, ids in enumerate(prompt_ids):
+            seen[i, ids] = True
+
     tokens: list[list[int]] = [[] for _ in range(batch)]
     logprobs: list[list[float]] = [[] for _ in range(batch)]
     reasons = ["length"] * batch
     rows = list(range(batch))  # the prompt index of each row still in the batch
     for step in range(max_new_tokens):
+        if seen is not None:
+            logits = penalise_repeats(logits.float(), seen, params.repetition_penalty)
         next_tokens, next_logprobs = sample(logits, params, generator)
+        if seen is not None:
+            seen[torch.arange(len(rows), device=device), next_tokens] = True
         chosen, chosen_lp = next_tokens.tolist(), next_logprobs.tolist()
         keep = []
         for position, i in enumerate(rows):
@@ -230,6 +255,7 @@ def generate(
             index = torch.tensor(keep, device=device)
             cache.keep_rows(index)
             key_mask, lengths, next_tokens = key_mask[index], lengths[index], next_tokens[index]
+            seen = seen[index] if seen is not None else None
             rows = [rows[p] for p in keep]
         slot = prompt_len + step
         key_mask[:, slot] = 1

@@ -347,5 +347,7 @@ class _Evaluator:
                                 enabled=self.cfg.train.precision == "bf16_autocast"):
                 samples = self.cfg.run_dir / "eval" / f"step_{step}.jsonl" if self.env.is_main else None
                 out.update(generation_scores(model, self.tokenizer, self.prompts, self.cfg.eval.scorer,
-                                             max_new_tokens=self.cfg.eval.max_new_tokens, samples_path=samples))
+                                             max_new_tokens=self.cfg.eval.max_new_tokens,
+                                             repetition_penalty=self.cfg.eval.repetition_penalty,
+                                             samples_path=samples))
         return out

@@ -67,10 +67,11 @@ def generation_scores(
     scorer: str,
     *,
     max_new_tokens: int,
+    repetition_penalty: float = 1.0,
     batch_size: int = 16,
     samples_path: Path | None = None,
 ) -> dict[str, float]:
-    """Greedy answers to `prompts`, scored; returns the mean of each scorer metric.
+    """Greedy answers to `prompts` (with an optional repetition penalty), scored; returns the mean of each scorer metric.
 
     With `samples_path`, every prompt's last message, the answer, the reference and the scores are
     written there as JSONL, so a metric can be read next to the text behind it.
@@ -82,7 +83,8 @@ def generation_scores(
     model.eval()
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        out = generate(model, tokenizer, [p.messages for p in chunk], max_new_tokens=max_new_tokens, temperature=0.0)
+        out = generate(model, tokenizer, [p.messages for p in chunk], max_new_tokens=max_new_tokens,
+                       temperature=0.0, repetition_penalty=repetition_penalty)
         for prompt, text in zip(chunk, out.texts):
             scores.append(score(text, prompt.reference))
             samples.append({"prompt": prompt.messages[-1]["content"], "response": text,

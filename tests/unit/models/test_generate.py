@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from posttrain.models.generate import SamplingParams, generate, sample
+from posttrain.models.generate import SamplingParams, generate, penalise_repeats, sample
 from posttrain.models.hf import load_hf
 
 
@@ -24,7 +24,7 @@ def test_sample_greedy_top_k_and_top_p():
 
 
 def test_sampling_params_are_validated():
-    for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-2)):
+    for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-2), dict(repetition_penalty=0.0)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
 
@@ -118,3 +118,30 @@ def test_packed_prefill_matches_left_padded(tiny_gemma):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="prefill"):
         generate(model, tokenizer, PROMPTS, max_new_tokens=2, prefill="right")
+
+
+def test_repetition_penalty_is_the_transformers_one():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=generator)
+    ids = torch.randint(0, 50, (3, 7), generator=generator)
+    seen = torch.zeros(3, 50, dtype=torch.bool).scatter(1, ids, True)
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
+    torch.testing.assert_close(penalise_repeats(logits, seen, 1.3), expected, atol=0, rtol=0)
+
+
+def test_greedy_with_repetition_penalty_matches_transformers(tiny_gemma, tiny_checkpoints):
+    """Prompt and generated tokens are both penalised, row by row, as in `transformers`; rows that
+    finish early leave the batch without disturbing the others."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = tiny_gemma
+    reference = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["gemma3"], dtype=torch.float32)
+    plain = generate(model, tokenizer, PROMPTS, max_new_tokens=12, temperature=0)
+    out = generate(model, tokenizer, PROMPTS, max_new_tokens=12, temperature=0, repetition_penalty=1.5)
+    assert out.token_ids != plain.token_ids
+    for prompt, ours in zip(out.prompt_ids, out.token_ids, strict=True):
+        theirs = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                    repetition_penalty=1.5)[0, len(prompt):].tolist()
+        assert ours == theirs[: len(ours)]
