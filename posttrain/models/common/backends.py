@@ -4,7 +4,8 @@ A backend is a function
 `(q [B, H, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, D], meta, window, scale) -> [B, H, Lq, D]`
 where `meta` is an `AttentionMeta` (never None here: the decoder builds a causal one) and `window`
 the sliding window of the layer (None for full attention). Grouped-query attention is handled by
-every backend without materialising repeated keys.
+every backend without materialising repeated keys, except `sdpa` on CUDA where only a repeat keeps
+it off the math kernel (see `sdpa_expands_kv`).
 
 * `sdpa`: `torch.nn.functional.scaled_dot_product_attention` with a dense boolean mask
   (document-causal, padding, sliding window); the causal fast path when nothing else applies.
@@ -55,12 +56,29 @@ def _prepare_sdpa(meta: AttentionMeta, window: int | None) -> None:
         meta.cached(("sdpa", window), lambda: dense_mask(meta, window))
 
 
+def sdpa_expands_kv(device_type: str, dtype: torch.dtype, masked: bool) -> bool:
+    """Whether grouped keys/values must be repeated to full heads before SDPA.
+
+    On CUDA only the flash kernel takes `enable_gqa`, and it takes neither a mask nor fp32; every
+    other case would fall back to the math kernel, which materialises `[B, H, Lq, Lk]` scores (and
+    keeps them for backward). Repeating the keys/values (`Hkv * rep` heads, a few MiB) instead lets
+    the memory-efficient kernel run. CPU's fused kernel handles GQA with a mask, so it never
+    repeats.
+    """
+    if device_type != "cuda":
+        return False
+    return masked or dtype not in (torch.float16, torch.bfloat16)
+
+
 def sdpa_attention(q, k, v, meta: AttentionMeta, window: int | None, scale: float) -> torch.Tensor:
+    fast = _sdpa_causal_fast_path(meta, window)
+    mask = None if fast else meta.cached(("sdpa", window), lambda: dense_mask(meta, window))
     gqa = q.shape[1] != k.shape[1]
-    if _sdpa_causal_fast_path(meta, window):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    mask = meta.cached(("sdpa", window), lambda: dense_mask(meta, window))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if gqa and sdpa_expands_kv(q.device.type, q.dtype, masked=mask is not None):
+        repeats = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        gqa = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=fast, scale=scale, enable_gqa=gqa)
 
 
 @cache

@@ -13,6 +13,7 @@ from posttrain.models.common import (
     packed_attention,
     padded_attention,
 )
+from posttrain.models.common import backends
 from posttrain.models.common.norms import RMSNorm
 from posttrain.models.common.rope import inverse_frequencies
 
@@ -135,9 +136,27 @@ def naive_attention(q, k, v, allowed, scale):
     return torch.softmax(scores, -1) @ v
 
 
+@pytest.fixture(params=[False, True], ids=["gqa", "repeated-kv"])
+def sdpa_repeats_kv(request, monkeypatch):
+    """Run `sdpa` both ways: grouped heads (CPU's path) and keys/values repeated to full heads
+    (CUDA's path whenever a mask or fp32 rules out the flash kernel)."""
+    if request.param:
+        monkeypatch.setattr(backends, "sdpa_expands_kv", lambda *args, **kwargs: True)
+    return request.param
+
+
+def test_sdpa_repeats_grouped_kv_only_where_cuda_would_use_the_math_kernel():
+    assert not backends.sdpa_expands_kv("cpu", torch.float32, masked=True)
+    assert not backends.sdpa_expands_kv("cuda", torch.bfloat16, masked=False)  # flash takes GQA
+    assert backends.sdpa_expands_kv("cuda", torch.bfloat16, masked=True)
+    assert backends.sdpa_expands_kv("cuda", torch.float32, masked=False)
+
+
 @pytest.mark.parametrize("backend", available_backends())
 @pytest.mark.parametrize("window", [None, 3])
-def test_backends_match_a_naive_reference(backend, window):
+def test_backends_match_a_naive_reference(backend, window, sdpa_repeats_kv):
+    if sdpa_repeats_kv and backend != "sdpa":
+        pytest.skip("only sdpa repeats keys/values")
     torch.manual_seed(0)
     batch, length = 2, 10
     q = torch.randn(batch, 4, length, 8)
