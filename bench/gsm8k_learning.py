@@ -5,8 +5,9 @@
 
 Holds out the last `--held-out` GSM8K rows, trains on the rest with `configs/sft_smollm2_gsm8k.yaml`
 (full fine-tuning, 4 packed rows of 1024 tokens per step), and scores greedy answers (up to the
-config's 512 new tokens) to the held-out questions before and after: `format` = the answer ends in
-`#### <number>`, `correct` = that number is the reference's.
+config's 512 new tokens, with its repetition penalty; `eval.repetition_penalty=1` for plain greedy)
+to the held-out questions before and after: `format` = the answer ends in `#### <number>`,
+`correct` = that number is the reference's.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def main() -> None:
     after = result.eval
     losses = [m["loss"] for m in metrics if "loss" in m]
     print(f"{result.steps} steps in {time.perf_counter() - started:.0f} s; train loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    print(f"greedy answers, up to {cfg.eval.max_new_tokens} tokens, repetition penalty {cfg.eval.repetition_penalty}")
     print(f"held-out answers ending in '#### <number>': {before['eval/format']:.0%} -> {after['format']:.0%}")
     print(f"held-out final-answer accuracy:            {before['eval/correct']:.0%} -> {after['correct']:.0%}")
     print(f"held-out loss:                             {before['eval/loss']:.3f} -> {after['loss']:.3f}")
