@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -184,6 +185,12 @@ def main() -> None:
     from posttrain.train.flops import measure_matmul_peak
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible to torch")
+    env = dict(os.environ)
+    if args.device == "cpu":  # both sides on the CPU even where a GPU is visible (ours would pick it)
+        env["CUDA_VISIBLE_DEVICES"] = ""
+
     peaks = {name: measure_matmul_peak(dtype, args.device) for name, dtype in
              (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     print(f"measured matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
@@ -195,7 +202,7 @@ def main() -> None:
                  "--activation-checkpointing", args.activation_checkpointing, "--device", args.device,
                  "--compile", args.compile,
                  "--data", args.data, *(["--model-dir", args.model_dir] if args.model_dir else [])],
-                capture_output=True, text=True, cwd=REPO,
+                capture_output=True, text=True, cwd=REPO, env=env,
             )
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:

@@ -175,7 +175,7 @@ class WorkerGroup:
         `cfg.placement_timeout_s`, `WorkerGroupError` when a worker fails while starting.
         """
         if not ray.is_initialized():
-            raise RuntimeError("Ray is not initialised: call posttrain.cluster.init_ray first")
+            raise RuntimeError("Ray is not initialised: call posttrain.cluster.ray_runtime.init_ray first")
         self.cfg = cfg
         self.role = worker_cls.role
         self.world_size = cfg.num_workers
