@@ -18,16 +18,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ray
 import torch.distributed as dist
 
 from posttrain.cluster.dist_env import DistEnv, destroy_distributed, init_distributed
-from posttrain.cluster.ray_runtime import ray_session
 from posttrain.cluster.worker import Entrypoint, TrainWorker, resolve_entrypoint
-from posttrain.cluster.worker_group import RankFailure, WorkerGroup, WorkerGroupError
 from posttrain.config.launcher import LauncherConfig
+
+if TYPE_CHECKING:
+    from posttrain.cluster.worker_group import RankFailure, WorkerGroup
 
 logger = logging.getLogger("posttrain.cluster")
 
@@ -95,8 +95,10 @@ def launch(
     resolved recipe config) is sent once to every rank. `env_vars` are exported on Ray workers.
     Ray is started for the call when it is not up (`launcher.address`), and stopped after.
     """
-    if launcher.backend == "local":
+    if launcher.backend == "local":  # Ray is imported by the Ray backend only
         return _launch_local(entry, payload)
+    from posttrain.cluster.ray_runtime import ray_session
+
     with ray_session(launcher):
         return _launch_ray(entry, payload, launcher, on_restart, worker_cls, env_vars)
 
@@ -120,6 +122,10 @@ def _launch_ray(
     worker_cls: type[TrainWorker],
     env_vars: dict[str, str] | None,
 ) -> LaunchResult:
+    import ray
+
+    from posttrain.cluster.worker_group import WorkerGroup, WorkerGroupError
+
     payload_ref = ray.put(payload)  # serialised once, fetched by every rank of every attempt
     failures: list[RankFailure] = []
     for attempt in range(cfg.max_restarts + 1):

@@ -45,3 +45,25 @@ def test_local_backend_raises_the_entry_error_itself():
     with pytest.raises(ValueError, match="bad config 3"):
         launch(failing_entry, 3, LauncherConfig(max_restarts=2))
     assert not dist.is_initialized()
+
+
+def test_local_launch_never_imports_ray():
+    """A local run pays neither Ray's import time nor needs it: only the Ray backend imports it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys\n"
+        "from posttrain.cluster.launch import launch\n"
+        "from posttrain.config.launcher import LauncherConfig\n"
+        "assert launch('tests.unit.cluster.test_launch_local:entry', 1, LauncherConfig()).main['sum'] == 1.0\n"
+        "print('ray' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    root = Path(__file__).resolve().parents[3]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
+                         check=True)
+    assert out.stdout.strip() == "False"
