@@ -71,8 +71,10 @@ def test_packed_loss_equals_transformers_per_document(smollm2_dir, gsm8k_path):
 # ------------------------------------------------------------------------------------ resume
 
 
-def _run_cli(config: Path, *overrides: str) -> subprocess.Popen:
+def _run_cli(config: Path, *overrides: str, threads: int | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     return subprocess.Popen(
         [sys.executable, "-m", "posttrain", "sft", str(config), *overrides],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -85,11 +87,14 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_resume_after_sigkill_is_exact(tiny_checkpoints, task_dir, tmp_path):
+    """Every process computes single-threaded: with 2 threads, two fresh processes sometimes
+    disagree in the last bits from step 1 on, resume or not (docs/architecture.md, "Known gap in
+    bit-exactness"); this test is about what a resume restores."""
     model_dir = tiny_checkpoints["llama"]
     steps, half = 24, 12
     train = {"steps": steps, "micro_batch_size": 2, "grad_accum": 2, "schedule": "cosine", "warmup_steps": 4}
     straight_cfg = write_config(tmp_path / "straight.yaml", model_dir, task_dir, tmp_path / "a", train=train)
-    proc = _run_cli(straight_cfg)
+    proc = _run_cli(straight_cfg, threads=1)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
 
@@ -97,7 +102,7 @@ def test_resume_after_sigkill_is_exact(tiny_checkpoints, task_dir, tmp_path):
         tmp_path / "killed.yaml", model_dir, task_dir, tmp_path / "b", train=train,
         checkpoint={"every_steps": half, "resume": "auto", "keep_last": 3},
     )
-    proc = _run_cli(killed_cfg)
+    proc = _run_cli(killed_cfg, threads=1)
     marker = tmp_path / "b" / "run" / "checkpoints" / f"step_{half}" / "meta.json"
     deadline = time.monotonic() + 600
     while not marker.exists():
@@ -109,7 +114,7 @@ def test_resume_after_sigkill_is_exact(tiny_checkpoints, task_dir, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "b" / "run" / "export").exists()
 
-    proc = _run_cli(killed_cfg)
+    proc = _run_cli(killed_cfg, threads=1)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
