@@ -191,8 +191,9 @@ def generate(
     """Sample up to `max_new_tokens` for every prompt in one batch.
 
     `temperature=0` is greedy; `repetition_penalty` > 1 discourages every token already in the row
-    (`penalise_repeats`), greedy decoding included. A row stops at an EOS token (tokenizer, config or generation
-    config), at any integer token id in `stop`, or when its text contains a string in `stop`.
+    (`penalise_repeats`), greedy decoding included. A row stops at an EOS token (tokenizer, config
+    or generation config), at any integer token id in `stop`, or when its text contains a string in
+    `stop`.
     Sampling is deterministic for a given batch and `seed`.
     """
     if max_new_tokens < 1:

@@ -71,7 +71,8 @@ def generation_scores(
     batch_size: int = 16,
     samples_path: Path | None = None,
 ) -> dict[str, float]:
-    """Greedy answers to `prompts` (with an optional repetition penalty), scored; returns the mean of each scorer metric.
+    """Greedy answers to `prompts` (with an optional repetition penalty), scored; returns the mean
+    of each scorer metric.
 
     With `samples_path`, every prompt's last message, the answer, the reference and the scores are
     written there as JSONL, so a metric can be read next to the text behind it.
