@@ -126,6 +126,7 @@ def test_out_of_range_and_missing_key(workdir):
         (["launcher.address=auto"], "launcher.address: only used with launcher.backend: ray"),
         (["eval.scorer=gsm8k"], "eval.scorer: needs held-out data"),
         (["eval.fraction=0.1"], "eval.fraction: unknown key"),
+        (["eval.repetition_penalty=0"], "eval.repetition_penalty: Input should be greater than 0"),
         (["checkpoint.resume=elsewhere"], "checkpoint.resume: expected 'auto', 'never' or an existing path"),
         (["model.path=nowhere"], "model.path: 'nowhere' is neither an existing directory nor a bundled"),
         (["data.sources.0.path=missing.jsonl"], "data.sources.0.path: no such file or directory: 'missing.jsonl'"),

@@ -25,7 +25,7 @@ def test_sample_greedy_top_k_and_top_p():
 
 def test_sampling_params_are_validated():
     for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-2), dict(repetition_penalty=0.0)):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
             SamplingParams(**bad)
 
 
