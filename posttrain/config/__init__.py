@@ -20,8 +20,8 @@ from posttrain.config.loading import (
     to_yaml,
 )
 from posttrain.config.lora import LoraConfig
-from posttrain.config.model import ModelConfig
-from posttrain.config.sft import SFTConfig
+from posttrain.config.model import FrozenModelConfig, ModelConfig
+from posttrain.config.recipe import RecipeConfig, SFTConfig
 from posttrain.config.tracking import TrackingConfig
 from posttrain.config.train import TrainConfig
 
@@ -33,7 +33,9 @@ __all__ = [
     "FieldError",
     "LauncherConfig",
     "LoraConfig",
+    "FrozenModelConfig",
     "ModelConfig",
+    "RecipeConfig",
     "SFTConfig",
     "Section",
     "SourceConfig",

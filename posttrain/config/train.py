@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from posttrain.config.base import FieldError, Section
+from posttrain.ops.inputs import DEFAULT_CHUNK_SIZE, DEFAULT_VOCAB_CHUNK_SIZE
 
 
 class TrainConfig(Section):
@@ -43,6 +44,12 @@ class TrainConfig(Section):
 
     precision: Literal["fp32", "bf16_autocast"] = "fp32"
     """`fp32`, or `bf16_autocast` (fp32 weights and optimiser state, bf16 matmuls)."""
+
+    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=1)
+    """Tokens per tile of the chunked LM-head ops (loss, log-probs, KL): memory, not results."""
+
+    vocab_chunk_size: int = Field(default=DEFAULT_VOCAB_CHUNK_SIZE, ge=1)
+    """Vocabulary rows per tile of the chunked LM-head ops."""
 
     seed: int = 0
     log_every: int = Field(default=1, ge=1)

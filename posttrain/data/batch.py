@@ -8,12 +8,18 @@ A `PackedBatch` holds `B` rows of `L` tokens. Each row is a run of whole documen
 row is not full, by one padding pseudo-document (pad ids, labels -100). `position_ids` restart at 0
 for every segment and `cu_seqlens` marks the segment boundaries over the flattened `B * L` tokens,
 the layout varlen attention kernels take.
+
+Typed extras travel with the tokens through packing, `collate` and `.to()`: `document_ids` (which
+real document of the batch each token belongs to, -1 for padding), `groups` (each document's
+pair/group id, -1 when it has none) and `fields`, named per-token float tensors (reference or
+rollout log-probs, advantages, teacher inputs) that objectives declare they read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
+from dataclasses import field as dataclass_field
 from functools import cached_property
 
 import torch
@@ -28,10 +34,14 @@ class Sample:
     input_ids: list[int]
     labels: list[int]
     weights: list[float] | None = None  # optional per-token loss weights
+    fields: dict[str, list[float]] | None = None  # optional named per-token float fields
+    group: int | None = None  # pair/group id shared by the documents of one unit (e.g. a DPO pair)
 
     def __post_init__(self) -> None:
         assert len(self.input_ids) == len(self.labels), "input_ids and labels differ in length"
         assert self.weights is None or len(self.weights) == len(self.input_ids)
+        for name, values in (self.fields or {}).items():
+            assert len(values) == len(self.input_ids), f"field {name!r} differs in length from input_ids"
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -45,17 +55,23 @@ class Sample:
         labels = self.labels[:length]
         labels[-1] = IGNORE_INDEX
         weights = None if self.weights is None else self.weights[:length]
-        return Sample(self.input_ids[:length], labels, weights)
+        fields = None if self.fields is None else {k: v[:length] for k, v in self.fields.items()}
+        return Sample(self.input_ids[:length], labels, weights, fields, self.group)
 
     def to_dict(self) -> dict:
-        out = {"input_ids": self.input_ids, "labels": self.labels}
+        out: dict = {"input_ids": self.input_ids, "labels": self.labels}
         if self.weights is not None:
             out["weights"] = self.weights
+        if self.fields is not None:
+            out["fields"] = self.fields
+        if self.group is not None:
+            out["group"] = self.group
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> Sample:
-        return cls(list(data["input_ids"]), list(data["labels"]), data.get("weights"))
+        return cls(list(data["input_ids"]), list(data["labels"]), data.get("weights"), data.get("fields"),
+                   data.get("group"))
 
 
 @dataclass
@@ -69,26 +85,49 @@ class PackedBatch:
     num_trained_tokens: int  # labels != -100
     num_documents: int  # real documents (padding pseudo-documents excluded)
     weights: torch.Tensor | None = None  # [B, L] float, only when some sample carries weights
+    document_ids: torch.Tensor | None = None  # [B, L] long: document index in the batch, -1 = padding
+    groups: torch.Tensor | None = None  # [num_documents] long: pair/group id per document, -1 = none
+    fields: dict[str, torch.Tensor] = dataclass_field(default_factory=dict)  # name -> [B, L] float32
 
     @property
     def shape(self) -> torch.Size:
         return self.input_ids.shape
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
-        moved = {}
+    def with_fields(self, **new: torch.Tensor) -> PackedBatch:
+        """A copy carrying `new` per-token fields ([B, L] each) beside the existing ones."""
+        for name, value in new.items():
+            if value.shape != self.input_ids.shape:
+                raise ValueError(f"field {name!r} has shape {tuple(value.shape)}, the batch is "
+                                 f"{tuple(self.input_ids.shape)}")
+        return replace(self, fields={**self.fields, **new})
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PackedBatch:
+        out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
-                value = value.to(device, non_blocking=non_blocking)
-            moved[f.name] = value
-        return PackedBatch(**moved)
+                value = fn(value)
+            elif isinstance(value, dict):
+                value = {k: fn(v) for k, v in value.items()}
+            out[f.name] = value
+        return PackedBatch(**out)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> PackedBatch:
-        pinned = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            pinned[f.name] = value.pin_memory() if isinstance(value, torch.Tensor) else value
-        return PackedBatch(**pinned)
+        return self._map(lambda t: t.pin_memory())
+
+
+def _field_names(rows: Sequence[Sequence[Sample]]) -> list[str]:
+    """Names of the per-token fields; every real document must carry the same ones."""
+    docs = [s for row in rows for s in row]
+    names = sorted(docs[0].fields or {}) if docs else []
+    for sample in docs:
+        if sorted(sample.fields or {}) != names:
+            raise ValueError(f"documents of one batch carry different fields: {names} vs "
+                             f"{sorted(sample.fields or {})}")
+    return names
 
 
 def collate(rows: Sequence[Sequence[Sample]], row_length: int, pad_id: int) -> PackedBatch:
@@ -96,16 +135,20 @@ def collate(rows: Sequence[Sequence[Sample]], row_length: int, pad_id: int) -> P
 
     A row shorter than `row_length` gets one trailing padding pseudo-document. An empty row is all
     padding (a rank can receive one at the very end of the data, so every rank gets a batch).
+    Padding has document id -1 and 0 in every field.
     """
     num_rows = len(rows)
     assert num_rows > 0 and row_length > 0
-    input_ids = torch.full((num_rows, row_length), pad_id, dtype=torch.long)
-    labels = torch.full((num_rows, row_length), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((num_rows, row_length), dtype=torch.long)
+    shape = (num_rows, row_length)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    document_ids = torch.full(shape, -1, dtype=torch.long)
     has_weights = any(s.weights is not None for row in rows for s in row)
-    weights = torch.zeros((num_rows, row_length), dtype=torch.float32) if has_weights else None
-    boundaries = [0]
-    max_seqlen = num_tokens = num_trained = num_docs = 0
+    weights = torch.zeros(shape, dtype=torch.float32) if has_weights else None
+    extra = {name: torch.zeros(shape, dtype=torch.float32) for name in _field_names(rows)}
+    boundaries, groups = [0], []
+    max_seqlen = num_tokens = num_trained = 0
     for r, row in enumerate(rows):
         offset = 0
         for sample in row:
@@ -115,16 +158,19 @@ def collate(rows: Sequence[Sequence[Sample]], row_length: int, pad_id: int) -> P
             input_ids[r, offset:end] = torch.tensor(sample.input_ids, dtype=torch.long)
             labels[r, offset:end] = torch.tensor(sample.labels, dtype=torch.long)
             position_ids[r, offset:end] = torch.arange(n)
+            document_ids[r, offset:end] = len(groups)
             if weights is not None:
                 if sample.weights is None:
                     weights[r, offset:end] = (labels[r, offset:end] != IGNORE_INDEX).float()
                 else:
                     weights[r, offset:end] = torch.tensor(sample.weights, dtype=torch.float32)
+            for name, values in (sample.fields or {}).items():
+                extra[name][r, offset:end] = torch.tensor(values, dtype=torch.float32)
             boundaries.append(r * row_length + end)
+            groups.append(-1 if sample.group is None else sample.group)
             max_seqlen = max(max_seqlen, n)
             num_tokens += n
             num_trained += sample.num_trained
-            num_docs += 1
             offset = end
         pad = row_length - offset
         if pad:
@@ -139,6 +185,9 @@ def collate(rows: Sequence[Sequence[Sample]], row_length: int, pad_id: int) -> P
         max_seqlen=max_seqlen,
         num_tokens=num_tokens,
         num_trained_tokens=num_trained,
-        num_documents=num_docs,
+        num_documents=len(groups),
         weights=weights,
+        document_ids=document_ids,
+        groups=torch.tensor(groups, dtype=torch.long),
+        fields=extra,
     )

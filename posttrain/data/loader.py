@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import queue
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +204,8 @@ class Pipeline:
             if any(s.num_trained == 0 for s in unit):
                 self.counters.dropped["no_trained_tokens"] += 1
                 continue
+            if pair:  # the documents of a pair share a group id: their first one's sample number
+                unit = [replace(s, group=self.counters.samples) for s in unit]
             self.counters.samples += len(unit)
             self.counters.tokens += unit_length(unit)
             self.counters.trained_tokens += sum(s.num_trained for s in unit)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ class LoRALinear(nn.Module):
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
+        self.disabled = False  # True: the base layer alone (see `adapters_disabled`)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -48,6 +50,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
+        if self.disabled:
+            return out
         return out + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
@@ -70,6 +74,24 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` as its base model: every `LoRALinear` skips its adapter inside the block.
+
+    This is how a LoRA policy serves as its own frozen reference (DPO, RL) without a second copy
+    of the weights. Modules trained in full (`trainable_modules`) are not reverted.
+    """
+    modules = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    previous = [m.disabled for m in modules]
+    for m in modules:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, state in zip(modules, previous):
+            m.disabled = state
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# Tokens x vocabulary rows per tile: 2,048 x 8,192 fp32 is a 64 MiB tile, large enough that the
+# Tokens x vocabulary rows per tile: 1,024 x 8,192 fp32 is a 32 MiB tile, large enough that the
 # GEMMs run near peak on CPU and GPU, small enough to be noise next to a model's activations.
-DEFAULT_CHUNK_SIZE = 2048
+# Recipes take both from `train.chunk_size` / `train.vocab_chunk_size`, whose defaults these are.
+DEFAULT_CHUNK_SIZE = 1024
 DEFAULT_VOCAB_CHUNK_SIZE = 8192
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from posttrain.config.parallel import MixedPrecisionConfig
 
@@ -35,3 +35,11 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, mixed_precision: MixedPrec
     for i, block in enumerate(layers):
         fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=i < len(layers) - 1)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+
+
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 unit of `model` back in its sharded state (a forward without a backward
+    leaves the root gathered); nothing for a model without FSDP."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

@@ -1,4 +1,4 @@
-"""Training objectives: the glue between a packed batch, the model and a chunked loss op."""
+"""Language-model objectives: the glue between a packed batch, the model and a chunked loss op."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import torch.nn as nn
 from posttrain.data.batch import PackedBatch
 from posttrain.models.common.attention import packed_attention
 from posttrain.ops import linear_cross_entropy
+from posttrain.ops.inputs import DEFAULT_CHUNK_SIZE, DEFAULT_VOCAB_CHUNK_SIZE
+from posttrain.train.objective import Objective, ObjectiveOutput
 
 
 def forward_hidden(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
@@ -26,7 +28,14 @@ def check_supported(model: nn.Module) -> None:
         )
 
 
-def causal_lm_loss(model: nn.Module, batch: PackedBatch, num_valid: int, *, chunk_size: int = 1024) -> torch.Tensor:
+def causal_lm_loss(
+    model: nn.Module,
+    batch: PackedBatch,
+    num_valid: int,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE,
+) -> torch.Tensor:
     """Sum of next-token losses on trained positions of `batch`, divided by `num_valid`.
 
     Labels are already shifted per document by the data layer; ignored positions never reach the
@@ -38,10 +47,26 @@ def causal_lm_loss(model: nn.Module, batch: PackedBatch, num_valid: int, *, chun
         model.head_weight,
         batch.labels,
         chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
         reduction="mean",
         num_valid=num_valid,
         vocab_size=model.vocab_size,
     )
+
+
+class CausalLMObjective(Objective):
+    """Next-token cross-entropy on the trained tokens (SFT), averaged over trained tokens."""
+
+    name = "causal_lm"
+    normaliser = "tokens"
+
+    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE):
+        self.chunk_size, self.vocab_chunk_size = chunk_size, vocab_chunk_size
+
+    def compute(self, model: nn.Module, batch: PackedBatch, normaliser: int) -> ObjectiveOutput:
+        loss = causal_lm_loss(model, batch, normaliser, chunk_size=self.chunk_size,
+                              vocab_chunk_size=self.vocab_chunk_size)
+        return ObjectiveOutput(loss)
 
 
 def document_lengths(batch: PackedBatch) -> list[int]:

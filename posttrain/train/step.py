@@ -9,20 +9,27 @@ tokens were split between micro-batches and ranks.
 With tensor parallelism the data-parallel ranks are a subgroup (`dp_group`): the ranks of one
 tensor-parallel group see the same batch, so counts and losses are reduced over `dp_group` only,
 and the loss is scaled by its size (FSDP2 averages gradients over that dimension).
+
+What is summed and what it is divided by belongs to the objective (`train/objective.py`): the
+engine counts the objective's normaliser (trained tokens, documents or pairs) over the global
+batch, runs its no-grad `prepare` pass, checks the batch fields it declares, and reduces its
+metric sums to global means.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
+
+from posttrain.train.objective import MetricTotals, Objective, check_fields, normaliser_count
 
 
 class MicroBatch(Protocol):
@@ -31,19 +38,16 @@ class MicroBatch(Protocol):
     num_documents: int
 
 
-# (model, micro_batch, num_valid) -> sum of per-token losses on this micro-batch divided by
-# num_valid. num_valid is the global trained-token count.
-LossFn = Callable[[nn.Module, Any, int], torch.Tensor]
-
-
 @dataclass
 class StepStats:
-    loss: float  # mean per trained token over the global batch
+    loss: float  # mean per normaliser unit (trained token, document, pair) over the global batch
     grad_norm: float
-    num_tokens: int  # global, padding included
+    num_tokens: int  # global, padding excluded
     num_trained_tokens: int  # global
     num_documents: int  # global
     skipped: bool = False  # True when the gradient was not finite and the update was skipped
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's, global means
+    num_units: int = 0  # global count of the objective's normaliser
 
 
 def autocast_context(precision: str, device_type: str) -> contextlib.AbstractContextManager:
@@ -61,14 +65,19 @@ def _world(group: dist.ProcessGroup | None = None) -> tuple[int, bool]:
 
 
 def global_counts(
-    micro_batches: Sequence[MicroBatch], device: torch.device, group: dist.ProcessGroup | None = None
+    micro_batches: Sequence[MicroBatch],
+    device: torch.device,
+    group: dist.ProcessGroup | None = None,
+    normaliser: str = "tokens",
 ) -> list[int]:
-    """(tokens, trained tokens, documents) summed over micro-batches and the ranks of `group`."""
+    """(tokens, trained tokens, documents, normaliser units) summed over micro-batches and the
+    ranks of `group`, in one all-reduce."""
     counts = torch.tensor(
         [
             sum(mb.num_tokens for mb in micro_batches),
             sum(mb.num_trained_tokens for mb in micro_batches),
             sum(mb.num_documents for mb in micro_batches),
+            sum(normaliser_count(normaliser, mb) for mb in micro_batches),
         ],
         dtype=torch.int64,
         device=device,
@@ -77,6 +86,19 @@ def global_counts(
     if distributed and world_size > 1:
         dist.all_reduce(counts, group=group)
     return [int(c) for c in counts.tolist()]
+
+
+def prepare_batches(
+    objective: Objective, micro_batches: Sequence[Any], precision: str, device: torch.device
+) -> list[Any]:
+    """The objective's no-grad pass over every micro-batch, then its field check."""
+    prepared = []
+    for mb in micro_batches:
+        with torch.no_grad(), autocast_context(precision, device.type):
+            mb = objective.prepare(mb)
+        check_fields(objective, mb)
+        prepared.append(mb)
+    return prepared
 
 
 def _grad_norm(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
@@ -124,28 +146,31 @@ def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     micro_batches: Sequence[MicroBatch],
-    loss_fn: LossFn,
+    objective: Objective,
     *,
     grad_clip: float | None,
     precision: str = "fp32",
     device: torch.device | str = "cpu",
     dp_group: dist.ProcessGroup | None = None,
 ) -> StepStats:
-    """Forward/backward every micro-batch, clip, and step the optimiser (not the scheduler).
+    """Prepare, forward/backward every micro-batch, clip, and step the optimiser (not the scheduler).
 
     `dp_group`: the data-parallel ranks (default: all ranks).
     """
     device = torch.device(device)
     world_size, distributed = _world(dp_group)
-    tokens, trained, documents = global_counts(micro_batches, device, dp_group)
-    num_valid = max(trained, 1)
+    tokens, trained, documents, units = global_counts(micro_batches, device, dp_group, objective.normaliser)
+    micro_batches = prepare_batches(objective, micro_batches, precision, device)
+    num_valid = max(units, 1)
     loss_total = torch.zeros((), dtype=torch.float32, device=device)
+    metrics = MetricTotals(device)
     model.train()
     for mb in micro_batches:
         with autocast_context(precision, device.type):
-            loss = loss_fn(model, mb, num_valid)
-        (loss * world_size).backward()
-        loss_total += loss.detach().float()
+            out = objective.compute(model, mb, num_valid)
+        (out.loss * world_size).backward()
+        loss_total += out.loss.detach().float()
+        metrics.add(out.metrics)
     if distributed and world_size > 1:
         dist.all_reduce(loss_total, group=dp_group)
     params = [p for p in model.parameters() if p.grad is not None]
@@ -163,32 +188,39 @@ def train_step(
         num_trained_tokens=trained,
         num_documents=documents,
         skipped=skipped,
+        metrics=metrics.means(dp_group),
+        num_units=units,
     )
 
 
 @torch.no_grad()
-def eval_loss(
+def evaluate_objective(
     model: nn.Module,
     batches: Sequence[MicroBatch],
-    loss_fn: LossFn,
+    objective: Objective,
     *,
     precision: str = "fp32",
     device: torch.device | str = "cpu",
     dp_group: dist.ProcessGroup | None = None,
-) -> float:
-    """Mean per-token loss over `batches` (all data-parallel ranks), without gradients."""
+) -> dict[str, float]:
+    """`loss` (mean per normaliser unit over `batches` on all data-parallel ranks, NaN when there
+    is none) and the objective's metrics, without gradients."""
     device = torch.device(device)
-    _, trained, _ = global_counts(batches, device, dp_group)
-    if trained == 0:
-        return float("nan")
+    *_, units = global_counts(batches, device, dp_group, objective.normaliser)
+    if units == 0:
+        return {"loss": float("nan")}
+    batches = prepare_batches(objective, batches, precision, device)
     total = torch.zeros((), dtype=torch.float32, device=device)
+    metrics = MetricTotals(device)
     was_training = model.training
     model.eval()
     for mb in batches:
         with autocast_context(precision, device.type):
-            total += loss_fn(model, mb, trained).float()
+            out = objective.compute(model, mb, units)
+        total += out.loss.float()
+        metrics.add(out.metrics)
     world_size, distributed = _world(dp_group)
     if distributed and world_size > 1:
         dist.all_reduce(total, group=dp_group)
     model.train(was_training)
-    return float(total)
+    return {"loss": float(total), **metrics.means(dp_group)}

@@ -20,7 +20,8 @@ from posttrain.cluster.launch import launch
 from posttrain.cluster.ray_runtime import init_ray
 from posttrain.config import SFTConfig, load_config
 from posttrain.config.launcher import LauncherConfig
-from posttrain.recipes.sft import SFTResult, run_sft
+from posttrain.recipes.sft import run_sft
+from posttrain.train.trainer import TrainResult
 from posttrain.demo_task import write_task
 from tests.integration.test_distributed import write_config
 
@@ -42,7 +43,7 @@ def ray_instance():
         ray.shutdown()
 
 
-def sft_recording_pid(cfg: SFTConfig, env: DistEnv, attempt: int) -> SFTResult:
+def sft_recording_pid(cfg: SFTConfig, env: DistEnv, attempt: int) -> TrainResult:
     """`run_sft`, after leaving this worker's pid where the test can find it."""
     pids = Path(cfg.output_dir) / "pids"
     pids.mkdir(parents=True, exist_ok=True)

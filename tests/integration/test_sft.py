@@ -225,13 +225,14 @@ def test_compile_gives_same_loss(tiny_checkpoints, task_dir, tmp_path):
 )
 def test_bad_config_fails_before_any_model_loads(tiny_checkpoints, task_dir, tmp_path, monkeypatch, capsys,
                                                  overrides, message):
-    import posttrain.recipes.sft as sft
+    import posttrain.train.roles as roles
     from posttrain.cli import main
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model must not load for a bad config")
 
-    monkeypatch.setattr(sft, "load_hf", no_load)
+    monkeypatch.setattr(roles, "load_hf", no_load)
+    monkeypatch.setattr(roles, "build_meta_model", no_load)
     cfg_path = write_config(tmp_path / "cfg.yaml", tiny_checkpoints["llama"], task_dir, tmp_path)
     assert main(["sft", str(cfg_path), *overrides]) == 2
     assert message in capsys.readouterr().err

@@ -52,8 +52,10 @@ def test_adapters_start_at_zero_and_only_they_train():
 
 
 def test_merge_equals_adapted_forward():
+    """In float64, so the merged matmul's reassociation stays far below the tolerance on every CPU
+    (in fp32 with a random `lora_B` it reaches ~1e-4 absolute on outputs of magnitude ~5)."""
     torch.manual_seed(0)
-    model = Toy()
+    model = Toy().double()
     apply_lora(model, rank=4, alpha=16, target_modules=["*_proj"])
     with torch.no_grad():
         for module in model.modules():
@@ -63,7 +65,9 @@ def test_merge_equals_adapted_forward():
     adapted = model(ids)
     merge_lora(model)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
-    torch.testing.assert_close(model(ids), adapted, rtol=1e-5, atol=1e-5)
+    # merge_lora folds the adapter in fp32 (`delta_weight`), so the merged weight carries fp32
+    # rounding: relative error ~1e-7 of the outputs' magnitude.
+    torch.testing.assert_close(model(ids), adapted, rtol=1e-6, atol=1e-6 * float(adapted.abs().max()))
 
 
 def test_trainable_modules_unfrozen():

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from posttrain.train.step import eval_loss, train_step
+from posttrain.train.objective import Objective, ObjectiveOutput
+from posttrain.train.step import evaluate_objective, train_step
 
 
 @dataclass
@@ -46,6 +47,19 @@ def sum_loss(model, batch, num_valid):
     return F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), reduction="sum") / num_valid
 
 
+class LossFnObjective(Objective):
+    """A plain `(model, batch, normaliser) -> loss` function as an objective."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def compute(self, model, batch, normaliser):
+        return ObjectiveOutput(self.fn(model, batch, normaliser))
+
+
+CE = LossFnObjective(sum_loss)
+
+
 def make_batch(generator):
     ids = torch.randint(0, 11, (4, 7), generator=generator)
     labels = torch.randint(0, 11, (4, 7), generator=generator)
@@ -63,9 +77,9 @@ def test_split_into_micro_batches_gives_same_update():
     opt_a = torch.optim.SGD(model_a.parameters(), lr=0.1)
     opt_b = torch.optim.SGD(model_b.parameters(), lr=0.1)
 
-    stats_a = train_step(model_a, opt_a, [batch], sum_loss, grad_clip=None)
+    stats_a = train_step(model_a, opt_a, [batch], CE, grad_clip=None)
     micro = [Batch(batch.input_ids[i : i + 1], batch.labels[i : i + 1]) for i in range(4)]
-    stats_b = train_step(model_b, opt_b, micro, sum_loss, grad_clip=None)
+    stats_b = train_step(model_b, opt_b, micro, CE, grad_clip=None)
 
     assert stats_a.num_trained_tokens == stats_b.num_trained_tokens == batch.num_trained_tokens
     assert abs(stats_a.loss - stats_b.loss) <= 1e-6 * abs(stats_a.loss)
@@ -82,9 +96,9 @@ def test_loss_is_mean_over_trained_tokens_and_clip_applies():
     with torch.no_grad():
         logits = model(batch.input_ids)
         expected = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten()).item()
-    assert abs(eval_loss(model, [batch], sum_loss) - expected) < 1e-6
+    assert abs(evaluate_objective(model, [batch], CE)["loss"] - expected) < 1e-6
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    stats = train_step(model, opt, [batch], sum_loss, grad_clip=1e-3)
+    stats = train_step(model, opt, [batch], CE, grad_clip=1e-3)
     assert abs(stats.loss - expected) < 1e-6
     assert stats.grad_norm > 1e-3  # the norm before clipping is reported
     assert not stats.skipped
@@ -100,7 +114,7 @@ def test_non_finite_gradient_skips_update():
     def nan_loss(model, batch, num_valid):
         return sum_loss(model, batch, num_valid) * float("nan")
 
-    stats = train_step(model, opt, [batch], nan_loss, grad_clip=1.0)
+    stats = train_step(model, opt, [batch], LossFnObjective(nan_loss), grad_clip=1.0)
     assert stats.skipped
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p, b)

@@ -1,4 +1,4 @@
-"""Held-out evaluation: loss on packed held-out batches, and a generation metric from a scorer."""
+"""Generation metrics on held-out prompts: greedy answers scored by a registered scorer."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
-from posttrain.config.data import DataConfig, SourceConfig
-from posttrain.data.batch import PackedBatch
-from posttrain.data.loader import build_loader
+from posttrain.config.data import SourceConfig
 from posttrain.data.rows import Conversation, parse_row
 from posttrain.data.sources import open_source
 from posttrain.models.generate import generate
@@ -21,27 +20,6 @@ from posttrain.rl.rewards import get_scorer
 class HeldOutPrompt:
     messages: list[dict]  # the conversation up to (without) the last assistant turn
     reference: str  # the last assistant turn's content
-
-
-def held_out_batches(
-    data: DataConfig,
-    sources: list[SourceConfig],
-    tokenizer,
-    *,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    max_samples: int | None,
-) -> list[PackedBatch]:
-    """Every held-out sample, rendered and packed like training data, one pass, in file order."""
-    cfg = data.model_copy(update={"sources": sources, "shuffle": False, "epochs": 1, "prefetch": 0})
-    batches = []
-    with build_loader(cfg, tokenizer, batch_size=batch_size, rank=rank, world_size=world_size) as loader:
-        for batch in loader:
-            batches.append(batch)
-            if max_samples is not None and loader.counters.samples >= max_samples:
-                break
-    return batches
 
 
 def held_out_prompts(sources: list[SourceConfig], max_samples: int | None) -> list[HeldOutPrompt]:
@@ -95,3 +73,23 @@ def generation_scores(
         samples_path.parent.mkdir(parents=True, exist_ok=True)
         samples_path.write_text("".join(json.dumps(s) + "\n" for s in samples))
     return {key: sum(s[key] for s in scores) / len(scores) for key in (scores[0] if scores else {})}
+
+
+class GenerationEvaluator:
+    """Greedy answers to held-out prompts, scored (`eval.scorer`); the main rank writes every
+    scored answer to `<run>/eval/step_<N>.jsonl`. A sharded model generates on every rank (its
+    forward is collective), the same prompts."""
+
+    def __init__(self, tokenizer, prompts: list[HeldOutPrompt], scorer: str, *, max_new_tokens: int,
+                 repetition_penalty: float, device: torch.device, bf16_autocast: bool,
+                 samples_dir: Path | None):
+        self.tokenizer, self.prompts, self.scorer = tokenizer, prompts, scorer
+        self.max_new_tokens, self.repetition_penalty = max_new_tokens, repetition_penalty
+        self.device, self.bf16_autocast, self.samples_dir = device, bf16_autocast, samples_dir
+
+    def run(self, model: nn.Module, step: int) -> dict[str, float]:
+        samples = self.samples_dir / f"step_{step}.jsonl" if self.samples_dir is not None else None
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16_autocast):
+            return generation_scores(model, self.tokenizer, self.prompts, self.scorer,
+                                     max_new_tokens=self.max_new_tokens,
+                                     repetition_penalty=self.repetition_penalty, samples_path=samples)

@@ -1,4 +1,8 @@
-"""`SFTConfig`: the whole supervised fine-tuning recipe, one section per component."""
+"""`RecipeConfig`: the sections every training recipe has, one per component.
+
+Each recipe's config (`SFTConfig`, and later DPO, distillation, GRPO) derives from it and adds its
+own sections; the trainer (`train/trainer.py`) reads only what is declared here.
+"""
 
 from __future__ import annotations
 
@@ -51,7 +55,7 @@ def model_position_limit(model: ModelConfig) -> int | None:
     return None
 
 
-class SFTConfig(Section):
+class RecipeConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     """Run name; the run directory is `output_dir/name`."""
 
@@ -71,7 +75,7 @@ class SFTConfig(Section):
         return Path(self.output_dir) / self.name
 
     @model_validator(mode="after")
-    def _check(self) -> SFTConfig:
+    def _check(self) -> RecipeConfig:
         precision = self.train.precision
         wanted = PRECISION_DTYPE[precision]
         if self.model.dtype == "auto":
@@ -98,3 +102,7 @@ class SFTConfig(Section):
         check_sources_exist(self.data.sources, "data.sources")
         check_sources_exist(self.eval.sources, "eval.sources")
         return self
+
+
+class SFTConfig(RecipeConfig):
+    """Supervised fine-tuning: the common sections; the objective is next-token cross-entropy."""

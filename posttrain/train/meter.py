@@ -1,0 +1,71 @@
+"""Per-step metrics every recipe logs: loss, throughput, MFU, memory, packing and data counters,
+plus the objective's own metrics (global means from `StepStats.metrics`)."""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from posttrain.data.batch import PackedBatch
+from posttrain.models.lora import lora_modules
+from posttrain.train.flops import LoraAdapter, TransformerShape, mfu, peak_for_precision, training_flops
+from posttrain.train.objectives import document_lengths
+from posttrain.train.step import StepStats
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class StepMeter:
+    """Turns one step's stats into the logged metrics; FLOPs are counted from the architecture
+    and the real document lengths of this rank's micro-batches (`train/flops.py`)."""
+
+    def __init__(self, model: nn.Module, *, lora: bool, precision: str, device: torch.device, tp: int):
+        self.shape = TransformerShape.from_model_args(model.args)
+        self.adapters = [LoraAdapter(m.in_features, m.out_features, m.rank) for m in lora_modules(model).values()]
+        self.train_head = (not lora) or model.head_weight.requires_grad
+        self.peak = peak_for_precision(precision, device.type)
+        self.device, self.tp = device, tp
+
+    def flops(self, micro: Sequence[PackedBatch]) -> float:
+        """This rank's share: its data-parallel batch, split over the tensor-parallel ranks."""
+        lengths = [n for mb in micro for n in document_lengths(mb)]
+        local_trained = sum(mb.num_trained_tokens for mb in micro)
+        count = training_flops(self.shape, lengths, head_tokens=local_trained, lora=self.adapters or None,
+                               train_head=self.train_head)
+        return count.total / self.tp
+
+    def metrics(
+        self, stats: StepStats, micro: Sequence[PackedBatch], elapsed: float, lr: float,
+        counters: dict[str, Any], loader: Any,
+    ) -> dict[str, Any]:
+        capacity = sum(mb.input_ids.numel() for mb in micro)
+        data = loader.counters
+        out = {
+            "loss": stats.loss,
+            "grad_norm": stats.grad_norm,
+            "lr": lr,
+            "tokens_per_s": stats.num_tokens / elapsed,
+            "trained_tokens_per_s": stats.num_trained_tokens / elapsed,
+            "mfu": mfu(self.flops(micro), elapsed, self.peak),
+            "step_time_s": elapsed,
+            "peak_memory_gb": peak_memory_bytes(self.device) / 2**30,
+            "packing_efficiency": sum(mb.num_tokens for mb in micro) / capacity,
+            "tokens": counters["tokens"],
+            "trained_tokens": counters["trained_tokens"],
+            "skipped_steps": int(stats.skipped),
+            "restarts": counters["restarts"],
+            "data/dropped": sum(data.dropped.values()),
+            "data/truncated": data.truncated,
+            "data/skipped_errors": data.skipped_errors,
+            "epoch": loader.epoch,
+        }
+        out.update(stats.metrics)
+        return out
