@@ -28,6 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from posttrain.data.chat import ChatRenderer  # noqa: E402
+from posttrain.data.rows import PromptExample  # noqa: E402
 from posttrain.models.generate import generate  # noqa: E402
 from posttrain.models.hf import load_hf  # noqa: E402
 from posttrain.models.hub import import_model  # noqa: E402
@@ -50,8 +52,10 @@ def cut_after_eos(row: list[int], eos: int) -> list[int]:
 
 
 def run_ours(model, tokenizer, prompts, max_new_tokens: int, prefill: str) -> list[list[int]]:
+    renderer = ChatRenderer(tokenizer)  # prompts are rendered as training renders them
     return generate(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0, prefill=prefill
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0, prefill=prefill,
+        render=lambda messages: renderer.render_prompt(PromptExample(messages)).input_ids,
     ).token_ids
 
 

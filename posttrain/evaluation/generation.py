@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 from posttrain.config.data import SourceConfig
-from posttrain.data.rows import Conversation, parse_row
+from posttrain.data.chat import ChatRenderer
+from posttrain.data.rows import Conversation, PromptExample, parse_row
 from posttrain.data.sources import open_source
 from posttrain.models.generate import generate
 from posttrain.rl.rewards import get_scorer
@@ -56,13 +57,18 @@ def generation_scores(
     written there as JSONL, so a metric can be read next to the text behind it.
     """
     score = get_scorer(scorer)
+    renderer = ChatRenderer(tokenizer)
+
+    def render(messages: list[dict]) -> list[int]:
+        return renderer.render_prompt(PromptExample(messages)).input_ids
+
     samples: list[dict] = []
     scores: list[dict[str, float]] = []
     was_training = model.training
     model.eval()
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        out = generate(model, tokenizer, [p.messages for p in chunk], max_new_tokens=max_new_tokens,
+        out = generate(model, tokenizer, [p.messages for p in chunk], max_new_tokens=max_new_tokens, render=render,
                        temperature=0.0, repetition_penalty=repetition_penalty)
         for prompt, text in zip(chunk, out.texts):
             scores.append(score(text, prompt.reference))

@@ -1,10 +1,12 @@
-"""Export a sharded (FSDP2 / TP) model as a Hugging Face directory without a full copy anywhere.
+"""Export a sharded (FSDP2 / TP) model as a Hugging Face directory, or stream its HF-named tensors
+to a generation engine, without a full copy anywhere.
 
 Every rank walks the parameters in the same order and gathers one tensor at a time
 (`full_tensor()`, a collective); rank 0 appends its bytes to a safetensors file whose header was
 written up front from the global shapes, then drops it. LoRA adapters are folded into their base
 weight tensor by tensor, exactly as `LoRALinear.merged_linear` does. File layout (shards by
 `max_shard_bytes`, index), `config.json` and tokenizer files follow `posttrain.models.hf.save_hf`.
+`iter_hf_tensors_for_sync` yields the same tensors under their HF names instead of writing them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from posttrain.models.hf import (
     VOCAB_PARAMS,
     _hf_config,
 )
+from posttrain.models.common.spec import ModelSpec
 from posttrain.models.lora import LoRALinear
 from posttrain.models.registry import spec_for_model_type
 from posttrain.parallel.load import LORA_PARAMS, our_name
@@ -137,6 +140,29 @@ def _place(root: nn.Module, path: str, module: nn.Module) -> None:
             parent.add_module(part, nn.Module())
         parent = getattr(parent, part)
     parent.add_module(leaf, module)
+
+
+def iter_hf_tensors_for_sync(
+    model: nn.Module, spec: ModelSpec | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(hf_name, full tensor)` for every exported weight, one at a time: the trainer's side
+    of `GenerationEngine.update_weights`.
+
+    The model may be plain, carry LoRA adapters (merged tensor by tensor) or be FSDP2/TP-sharded;
+    tensors come in the model's own dtype with the vocabulary padding stripped, as `save_hf`
+    writes them. On a sharded model each tensor is gathered by a collective, so every rank must
+    run the iterator to its end in the same order (ranks without an engine just drain it); at
+    most one gathered tensor exists at a time if the consumer keeps no reference to it. On a
+    plain model, unadapted tensors are the live parameters themselves (detached, not copied).
+    `spec` defaults to the family the model was loaded with.
+    """
+    if spec is None:
+        if model.hf_source is None:
+            raise ValueError("iter_hf_tensors_for_sync needs spec= for a model not loaded from a Hugging Face directory")
+        spec = model.hf_source.spec
+    _reshard(model)
+    for t in export_tensors(model):
+        yield spec.key_map.to_hf(t.name), t.gather()
 
 
 def plan_files(tensors: list[ExportTensor], max_shard_bytes: int) -> list[list[ExportTensor]]:

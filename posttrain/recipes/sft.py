@@ -34,9 +34,6 @@ class SFTRecipe:
         cfg = self.cfg
         if not cfg.eval.enabled:
             return []
-        if ctx.mesh is not None and cfg.eval.scorer and cfg.parallel.tp > 1:
-            raise ValueError("eval.scorer generates text, which does not run under parallel.tp > 1 yet; "
-                             "drop eval.scorer or set parallel.tp: 1")
         batches = held_out_batches(cfg.data, cfg.eval.sources, ctx.tokenizer, batch_size=cfg.train.micro_batch_size,
                                    rank=ctx.dp.rank, world_size=ctx.dp.size, max_samples=cfg.eval.max_samples)
         evaluators: list[Evaluator] = [HeldOutEvaluator(batches, objective, precision=cfg.train.precision,

@@ -1,8 +1,11 @@
-"""Greedy generation equals transformers' `generate`, token for token."""
+"""Greedy generation equals transformers' `generate`, token for token, with the prompts rendered by
+the training `ChatRenderer` (so its ids also equal the tokenizer's chat template's)."""
 
 import pytest
 import torch
 
+from posttrain.data.chat import ChatRenderer
+from posttrain.data.rows import PromptExample
 from posttrain.models.generate import generate
 from posttrain.models.hf import load_hf
 
@@ -41,6 +44,18 @@ def transformers_greedy(model_dir, prompts, max_new_tokens: int, eos: set[int]) 
     return continuations
 
 
+def training_renderer(tokenizer):
+    """What RL and evaluation pass as `render`: the training renderer's prompt ids."""
+    renderer = ChatRenderer(tokenizer)
+    return lambda messages: renderer.render_prompt(PromptExample(messages)).input_ids
+
+
+def template_ids(tokenizer, prompts) -> list[list[int]]:
+    """The tokenizer's own chat-template ids with the generation prompt."""
+    options = dict(add_generation_prompt=True, tokenize=True, return_dict=True)
+    return [list(tokenizer.apply_chat_template(p, **options)["input_ids"]) for p in prompts]
+
+
 @pytest.fixture
 def one_thread():
     """Decoding is many small ops; one thread keeps it fast when other jobs share the 2 cores
@@ -56,8 +71,10 @@ def test_greedy_matches_transformers_on_smollm2(smollm2_dir, one_thread):
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     prompts = [[{"role": "user", "content": q}] for q in CHAT_QUESTIONS]
-    ours = generate(load_hf(smollm2_dir), tokenizer, prompts, max_new_tokens=32, temperature=0)
+    ours = generate(load_hf(smollm2_dir), tokenizer, prompts, max_new_tokens=32, temperature=0,
+                    render=training_renderer(tokenizer))
     expected = transformers_greedy(smollm2_dir, prompts, 32, {tokenizer.eos_token_id})
+    assert ours.prompt_ids == template_ids(tokenizer, prompts)
     assert ours.token_ids == expected
     assert ours.texts[0] == "The capital of France is Paris."
     assert all(
@@ -79,8 +96,10 @@ def test_greedy_matches_transformers_on_tiny_families(tiny_checkpoint, prefill, 
         max_new_tokens=max_new_tokens,
         temperature=0,
         prefill=prefill,
+        render=training_renderer(tokenizer),
     )
     expected = transformers_greedy(
         tiny_checkpoint, prompts, max_new_tokens, {tokenizer.eos_token_id}
     )
+    assert ours.prompt_ids == template_ids(tokenizer, prompts)
     assert ours.token_ids == expected

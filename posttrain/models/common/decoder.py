@@ -230,13 +230,6 @@ class Decoder(nn.Module):
             self.output.weight[self.vocab_size :].zero_()
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        weight = self.tok_embeddings.weight
-        return KVCache(
-            self.args.num_layers,
-            batch_size,
-            self.args.num_kv_heads,
-            max_len,
-            self.args.head_dim,
-            weight.dtype,
-            weight.device,
-        )
+        """An empty cache for `batch_size` rows of `max_len` slots; each layer's buffers take the
+        dtype, head count and device of its first keys (the compute's, not the stored weights')."""
+        return KVCache(self.args.num_layers, batch_size, max_len)

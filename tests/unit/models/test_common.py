@@ -215,6 +215,22 @@ def test_kv_cache_decoding_matches_full_forward(sliding):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_kv_cache_takes_dtype_and_heads_from_the_first_keys():
+    """Allocated from the compute (bf16 keys of fp32 weights under mixed precision; a tensor-
+    parallel rank's share of the heads), not from the model's stored weights."""
+    cache = Decoder(tiny_args()).new_cache(batch_size=3, max_len=10)
+    assert cache.keys == [None, None]
+    k = torch.randn(3, 1, 4, 8, dtype=torch.bfloat16)
+    keys, values = cache.update(0, k, k + 1)
+    assert cache.keys[0].shape == (3, 1, 10, 8) and cache.keys[0].dtype == torch.bfloat16
+    assert torch.equal(keys, k) and torch.equal(values, k + 1)
+    assert cache.keys[1] is None  # each layer on its own first update
+    cache.advance(4)
+    cache.keep_rows(torch.tensor([2, 2, 0, 1]))  # repeats copy a row
+    assert cache.batch_size == 4 and torch.equal(cache.keys[0][:2, :, :4], k[[2, 2]])
+    assert cache.keys[1] is None
+
+
 def test_model_args_validation():
     with pytest.raises(ValueError, match="layer_types"):
         tiny_args(layer_types=["full_attention"])

@@ -237,3 +237,91 @@ def test_checkpoint_saved_on_two_ranks_resumes_on_one_and_back(tiny_checkpoints,
     save_checkpoint(tmp_path, 2, AppState(model, optimizer, counters={"step": 2}))
     torch.save(_full_state(model, optimizer), tmp_path / "one.pt")
     _spawn(_load_on_two, 2, model_dir, tmp_path)
+
+
+# ------------------------------------------------------------------------------------ generation
+
+GEN_PROMPTS = [[60, 61, 62, 63, 64, 65, 66], [70, 71], [80, 81, 82, 83, 84, 85, 86, 87, 88]]
+GEN_TOKENS = 8
+
+
+def _recording_caches(model) -> list:
+    """Wrap `model.new_cache` so the caches `generate` builds can be inspected."""
+    caches, new_cache = [], model.new_cache
+
+    def recording(*args):
+        caches.append(new_cache(*args))
+        return caches[-1]
+
+    model.new_cache = recording
+    return caches
+
+
+def _greedy(model, tokenizer):
+    from posttrain.models.generate import generate
+
+    return generate(model, tokenizer, GEN_PROMPTS, max_new_tokens=GEN_TOKENS, temperature=0)
+
+
+def _close_logprobs(actual: list[list[float]], expected: list[list[float]], eps: float) -> None:
+    """Equal up to a few rounding steps (`eps`: the compute dtype's epsilon) of their magnitude."""
+    a, b = torch.tensor(sum(actual, [])), torch.tensor(sum(expected, []))
+    torch.testing.assert_close(a, b, atol=4 * eps * max(1.0, b.abs().max().item()), rtol=0)
+
+
+def _check_fsdp_bf16_generation(rank: int, model_dir: Path) -> None:
+    """FSDP2 over fp32 weights computing in bf16: the cache is bf16, both ranks decode the same
+    tokens, and they equal one device running the same model with its weights cast to bf16."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    cfg = ParallelConfig(dp_shard=2, mixed_precision={"param_dtype": "bfloat16"})
+    model = _sharded(model_dir, cfg, lora=False)
+    caches = _recording_caches(model)
+    out = _greedy(model, tokenizer)
+    both: list = [None, None]
+    dist.all_gather_object(both, out.token_ids)
+
+    reference = load_hf(model_dir)
+    for p in reference.parameters():  # what the policy casts: parameters, not the RoPE buffers
+        p.data = p.data.to(torch.bfloat16)
+    expected = _greedy(reference, tokenizer)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # resharded fp32 masters
+    assert {k.dtype for k in caches[0].keys} == {torch.bfloat16}
+    assert both[0] == both[1] == expected.token_ids
+    # The same bf16 operations on both sides (equal in practice); allow bf16 rounding anyway.
+    _close_logprobs(out.raw_logprobs, expected.raw_logprobs, eps=2.0**-8)
+
+
+def test_generation_under_fsdp2_with_bf16_params(tiny_checkpoints):
+    _spawn(_check_fsdp_bf16_generation, 2, tiny_checkpoints["llama"])
+
+
+def _check_tp_generation_and_sync(rank: int, model_dir: Path) -> None:
+    """TP=2 (one key/value head per rank) with LoRA: greedy decoding equals one device, and the
+    sharded model's HF tensors streamed into a plain engine make it generate the same."""
+    from transformers import AutoTokenizer
+
+    from posttrain.parallel.export import iter_hf_tensors_for_sync
+    from posttrain.rollout import NativeEngine, SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = _sharded(model_dir, ParallelConfig(dp_shard=1, tp=2), lora=True)
+    caches = _recording_caches(model)
+    out = _greedy(model, tokenizer)
+    engine = NativeEngine(load_hf(model_dir), tokenizer)  # base weights, adapters not merged in
+    before = engine.generate(GEN_PROMPTS, SamplingParams(temperature=0, max_new_tokens=GEN_TOKENS))
+    engine.update_weights(iter_hf_tensors_for_sync(model), version=3)
+    synced = engine.generate(GEN_PROMPTS, SamplingParams(temperature=0, max_new_tokens=GEN_TOKENS))
+
+    expected = _greedy(_reference(model_dir, lora=True), tokenizer)
+    assert caches[0].keys[0].shape[1] == 1  # this rank's share of the 2 key/value heads
+    assert out.token_ids == expected.token_ids
+    _close_logprobs(out.raw_logprobs, expected.raw_logprobs, eps=64 * torch.finfo(torch.float32).eps)
+    rows = [row[:n].tolist() for row, n in zip(synced.tokens, synced.lengths)]
+    assert rows == expected.token_ids and synced.policy_version == 3
+    assert before.tokens.tolist() != synced.tokens.tolist()
+
+
+def test_generation_under_tp_and_weight_sync_from_shards(tiny_checkpoints):
+    _spawn(_check_tp_generation_and_sync, 2, tiny_checkpoints["gemma3"])
