@@ -34,8 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from posttrain.tracking.logs import enable_console_logging
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    enable_console_logging()
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as err:

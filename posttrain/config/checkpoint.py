@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -20,6 +21,10 @@ class CheckpointConfig(Section):
     resume: str = "auto"
     """`auto` (newest complete checkpoint of this run, if any), `never`, or a path to a
     checkpoint directory (`.../checkpoints/step_N`) or to a run directory."""
+
+    on_corrupt: Literal["fallback", "raise"] = "fallback"
+    """A checkpoint whose files fail their checksums (or cannot be read) on resume: `fallback`
+    warns and resumes from the previous intact one; `raise` stops and names the intact one."""
 
     @field_validator("resume")
     @classmethod

@@ -36,6 +36,13 @@ class SourceConfig(BaseModel):
     fields: dict[str, str] = Field(default_factory=dict)
     # Prepended as a system message to conversations that have none.
     system_prompt: str | None = None
+    # Raw dialogue text -> messages: role markers that open each turn, e.g. Anthropic HH-RLHF's
+    # {"\n\nHuman:": user, "\n\nAssistant:": assistant}. Applied to text-valued messages, prompt,
+    # chosen and rejected fields; text before the first marker is an error.
+    dialogue: dict[str, str] | None = None
+    # Only rows start <= i < stop (0-based, in file order; stop null: to the end), e.g. [0, 1500]
+    # to train on the first 1,500 rows of a file and [1500, null] to hold the rest out.
+    rows: tuple[int, int | None] | None = None
 
     @field_validator("fields")
     @classmethod
@@ -54,6 +61,29 @@ class SourceConfig(BaseModel):
                 f"({', '.join(FIELD_TARGETS)}), not both"
             )
         return fields
+
+    @field_validator("rows")
+    @classmethod
+    def _check_rows(cls, rows: tuple[int, int | None] | None) -> tuple[int, int | None] | None:
+        if rows is not None:
+            start, stop = rows
+            if start < 0 or (stop is not None and stop <= start):
+                raise ValueError(f"rows: expected [start, stop] with 0 <= start < stop, got {list(rows)}")
+        return rows
+
+    @field_validator("dialogue")
+    @classmethod
+    def _check_dialogue(cls, markers: dict[str, str] | None) -> dict[str, str] | None:
+        if markers is None:
+            return None
+        if not markers:
+            raise ValueError("dialogue: give at least one marker, e.g. {\"\\n\\nHuman:\": user}")
+        for marker, role in markers.items():
+            if not marker.strip():
+                raise ValueError(f"dialogue: marker {marker!r} is blank")
+            if role not in ROLE_TARGETS:
+                raise ValueError(f"dialogue.{marker!r}: unknown role {role!r}; expected one of {', '.join(ROLE_TARGETS)}")
+        return markers
 
 
 class DataConfig(BaseModel):
@@ -83,8 +113,10 @@ class DataConfig(BaseModel):
     template_rewrite: Literal["error", "expand"] = "error"
     # false: rows with text prompt/completion are tokenized as plain text + EOS (base models).
     chat_template: bool = True
-    # Malformed rows: raise (naming file, line and field) or skip and count.
+    # Malformed rows: raise (naming file, line and field) or skip, log (once each) and count.
     on_error: Literal["raise", "skip"] = "raise"
+    # With on_error: skip, the run fails once more than this share of the rows read was skipped.
+    max_skipped_fraction: float = Field(0.1, ge=0, le=1)
     shuffle: bool = True
     # Rows held by each source's shuffle buffer (streams are never loaded whole).
     shuffle_buffer: int = Field(10_000, ge=1)

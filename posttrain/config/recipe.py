@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field, model_validator
 
@@ -56,6 +57,18 @@ def model_position_limit(model: ModelConfig) -> int | None:
 
 
 class RecipeConfig(Section):
+    RESUME_MUTABLE: ClassVar[tuple[str, ...]] = (
+        "name", "output_dir",
+        "train.steps", "train.lr", "train.schedule", "train.warmup_steps", "train.min_lr_ratio",
+        "train.grad_clip", "train.log_every", "train.chunk_size", "train.vocab_chunk_size",
+        "model.attention", "model.activation_checkpointing", "model.compile",
+        "data.prefetch", "data.max_skipped_fraction",
+        "eval", "tracking", "checkpoint", "launcher", "parallel",
+    )
+    """Dotted keys (or sections) a resumed run may change; every other change is refused
+    (`train/resume.py`). A recipe's config extends it with its own (`RecipeConfig.RESUME_MUTABLE
+    + (...)`)."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     """Run name; the run directory is `output_dir/name`."""
 

@@ -381,21 +381,32 @@ class ChatRenderer:
         return out
 
     def _tokenize(self, text: _Text) -> tuple[list[int], list[Span]]:
-        """Encode once; escaped ranges are encoded as plain text between ordinary pieces."""
+        """Encode `text`; escaped ranges become exactly the tokenizer's plain-text encoding.
+
+        The tokenizer splits its input at control tokens and encodes each stretch between them
+        on its own. We do the same, splitting only at the template's real control tokens: each
+        stretch is encoded with `split_special_tokens`, so an escaped control-token string is
+        plain text *and merges with its neighbours* as in `tokenizer(content,
+        split_special_tokens=True)` (e.g. `Ġ<` rather than `Ġ`, `<`).
+        """
         if not text.plain:
             return self._encode(text.text, plain=False)
-        ids, offsets, pos = [], [], 0
-        bounds = []
-        for s, e in text.plain:
-            bounds += [(pos, s, False), (s, e, True)]
-            pos = e
-        bounds.append((pos, len(text.text), False))
-        for s, e, plain in bounds:
-            if s == e:
-                continue
-            piece_ids, piece_offsets = self._encode(text.text[s:e], plain=plain, after_start=s > 0)
+        ids: list[int] = []
+        offsets: list[Span] = []
+        pos = 0
+        for m in self._control_re.finditer(text.text):
+            if any(s <= m.start() < e for s, e in text.plain):
+                continue  # an escaped string: part of the stretch
+            for s, e, plain in ((pos, m.start(), True), (m.start(), m.end(), False)):
+                if s < e:
+                    piece_ids, piece_offsets = self._encode(text.text[s:e], plain=plain, after_start=s > 0)
+                    ids += piece_ids
+                    offsets += [(a + s, b + s) for a, b in piece_offsets]
+            pos = m.end()
+        if pos < len(text.text):
+            piece_ids, piece_offsets = self._encode(text.text[pos:], plain=True, after_start=pos > 0)
             ids += piece_ids
-            offsets += [(a + s, b + s) for a, b in piece_offsets]
+            offsets += [(a + pos, b + pos) for a, b in piece_offsets]
         return ids, offsets
 
     def _encode(self, text: str, *, plain: bool, after_start: bool = False):

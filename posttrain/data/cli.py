@@ -6,6 +6,14 @@ import argparse
 from pathlib import Path
 
 
+MARKING = (
+    "Marking: on a terminal trained tokens are green and context is dim; piped, trained tokens are "
+    "between [[ and ]]. A control-token string in the content that data.special_tokens: escape "
+    "encoded as plain text is underlined magenta on a terminal and between \u00ab and \u00bb piped, "
+    "so it is never mistaken for the template's real control token. A legend line says the same."
+)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="inspect training data")
     sub = data.add_subparsers(dest="data_command", metavar="ACTION")
@@ -13,8 +21,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "inspect",
         help="print rendered samples with trained tokens highlighted and a JSON summary line",
+        description="Render the first samples of a recipe's data exactly as training does, mark the "
+        "trained tokens, then stream all of the data once and print a JSON summary line. The config "
+        "is loaded and checked like the recipe commands' (line numbers, did-you-mean, key=value "
+        "overrides). " + MARKING,
     )
     p.add_argument("config", help="recipe YAML with a data: section (or a YAML holding only it)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted config overrides, e.g. data.max_length=512")
     p.add_argument("--n", type=int, default=3, help="samples to print (default 3)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer directory or bundled model name (default: the recipe's model)")
@@ -23,41 +37,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    import yaml
-
-    from posttrain.config.data import DataConfig
+    from posttrain.config.inspect import inspect_config_class
+    from posttrain.config.loading import load_config
     from posttrain.data.inspect import inspect_data
 
-    path = Path(args.config)
-    if not path.exists():
-        raise FileNotFoundError(f"config {path} not found")
-    doc = yaml.safe_load(path.read_text()) or {}
-    section = doc.get("data", doc) if isinstance(doc, dict) else None
-    if not isinstance(section, dict):
-        raise ValueError(f"{path}: expected a mapping with a data: section")
+    overrides = list(args.overrides)
     if args.max_length is not None:
-        section = {**section, "max_length": args.max_length}
-    try:
-        cfg = DataConfig.model_validate(section)
-    except Exception as err:  # pydantic's ValidationError: show it as a user error
-        raise ValueError(f"{path}: invalid data section:\n{err}") from None
-    tokenizer = _load_tokenizer(args.tokenizer or _tokenizer_from(doc, path))
-    inspect_data(cfg, tokenizer, n=args.n)
+        overrides.append(f"data.max_length={args.max_length}")
+    cfg = load_config(args.config, overrides, inspect_config_class())
+    name = args.tokenizer or cfg.tokenizer or (cfg.model.path if cfg.model is not None else None)
+    if not name:
+        raise ValueError(f"{args.config}: no model.path or tokenizer to read the tokenizer from; pass --tokenizer")
+    inspect_data(cfg.data, _load_tokenizer(name), n=args.n)
     return 0
-
-
-def _tokenizer_from(doc: dict, path: Path) -> str:
-    """The tokenizer of a recipe: `tokenizer:`, or the model's path/name."""
-    candidates = [doc.get("tokenizer")]
-    model = doc.get("model")
-    if isinstance(model, str):
-        candidates.append(model)
-    elif isinstance(model, dict):
-        candidates += [model.get(k) for k in ("tokenizer", "path", "name_or_path", "name")]
-    for value in candidates:
-        if isinstance(value, str) and value:
-            return value
-    raise ValueError(f"{path}: no tokenizer or model path found; pass --tokenizer")
 
 
 def _load_tokenizer(name: str):

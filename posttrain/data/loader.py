@@ -29,7 +29,9 @@ from posttrain.data.batch import PackedBatch, Sample, collate
 from posttrain.data.chat import ChatRenderer, Rendered
 from posttrain.data.mixing import Mixer, SourceStream
 from posttrain.data.packing import BestFitPacker, PadPacker, Row, unit_length
+from posttrain.data.pairs import pair_id, prompt_mismatch, source_key
 from posttrain.data.rows import FieldError, parse_row
+from posttrain.data.skips import SkipWatch
 from posttrain.data.sources import DataError, RawRow, open_source
 
 STATE_VERSION = 1
@@ -95,6 +97,7 @@ class Pipeline:
         self.max_length = max_length or cfg.max_length
         data_seed = cfg.seed if cfg.seed is not None else seed
         self.source_names = [s.name or Path(s.path).name for s in cfg.sources]
+        self.source_keys = [source_key(s) for s in cfg.sources]
         streams = [
             SourceStream(open_source(s), index=i, seed=data_seed, shuffle=cfg.shuffle,
                          buffer_size=cfg.shuffle_buffer)
@@ -115,6 +118,7 @@ class Pipeline:
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
         self.counters = DataCounters()
+        self.skips = SkipWatch(cfg.max_skipped_fraction, log=cfg.shard == "samples" or rank == 0)
         self._ready: list[Row] = []
         self._drawn = 0
         self._finished = False
@@ -135,8 +139,10 @@ class Pipeline:
                 if self.cfg.shard == "samples" and (self._drawn - 1) % self.world_size != self.rank:
                     continue
                 chunk.append(drawn)
-            for unit in self.render_rows(chunk):
+            units = self.render_rows(chunk)
+            for unit in units:
                 self._ready += self.packer.add(unit)
+            self.skips.after_chunk(len(chunk), len(units), self.mixer.streams, self.counters, ended=ended)
             if ended:
                 self._ready += self.packer.flush()
                 self._finished = True
@@ -170,24 +176,34 @@ class Pipeline:
     def render_rows(self, drawn: list[tuple[int, RawRow]]) -> list[list[Sample]]:
         """Render drawn rows into packable units (tokenized in one batch), applying the
         `on_error` policy, the length rule and the no-trained-token rule; counted."""
-        prepared = []
+        prepared, origins = [], []
         for source, raw in drawn:
             self.counters.rows_read += 1
             try:
                 example = parse_row(raw.load(), self.cfg.sources[source], task=self.cfg.task,
                                     chat_template=self.cfg.chat_template)
                 prepared.append(self.renderer.prepare(example))
+                origins.append((source, raw))
             except (FieldError, DataError) as err:
-                error = err if isinstance(err, DataError) else raw.error(err.field, err.message)
-                if self.cfg.on_error == "raise":
-                    raise error from None
-                self.counters.skipped_errors += 1
+                self._skip_or_raise(err if isinstance(err, DataError) else raw.error(err.field, err.message))
         units = []
-        for rendered in self.renderer.finish(prepared):
-            units += self._keep(rendered)
+        for (source, raw), rendered in zip(origins, self.renderer.finish(prepared)):
+            if self.cfg.task == "preference":
+                mismatch = prompt_mismatch(rendered.samples)
+                if mismatch is not None:
+                    self._skip_or_raise(raw.error("rejected", mismatch))
+                    continue
+            units += self._keep(rendered, pair_id=pair_id(self.source_keys[source], raw.line))
         return units
 
-    def _keep(self, rendered: Rendered) -> list[list[Sample]]:
+    def _skip_or_raise(self, error: DataError) -> None:
+        """A bad row: raise (`on_error: raise`) or skip it and count it."""
+        if self.cfg.on_error == "raise":
+            raise error from None
+        self.skips.skipped(error)
+        self.counters.skipped_errors += 1
+
+    def _keep(self, rendered: Rendered, pair_id: int) -> list[list[Sample]]:
         self.counters.special_tokens += rendered.special_tokens
         self.counters.expanded += rendered.expanded
         pair = self.cfg.task == "preference"
@@ -204,8 +220,8 @@ class Pipeline:
             if any(s.num_trained == 0 for s in unit):
                 self.counters.dropped["no_trained_tokens"] += 1
                 continue
-            if pair:  # the documents of a pair share a group id: their first one's sample number
-                unit = [replace(s, group=self.counters.samples) for s in unit]
+            if pair:  # the documents of a pair share its stable id (see `pair_id`)
+                unit = [replace(s, group=pair_id) for s in unit]
             self.counters.samples += len(unit)
             self.counters.tokens += unit_length(unit)
             self.counters.trained_tokens += sum(s.num_trained for s in unit)
@@ -334,6 +350,7 @@ class DataLoader:
                 batch = self.pipeline.next_batch()
             except StopIteration:
                 self._ended = True
+                self._consumed = self.pipeline.snapshot()  # the end: counters include the last rows
                 raise
             self._consumed = self.pipeline.snapshot()
             return batch
@@ -343,6 +360,7 @@ class DataLoader:
         if item is _END:
             self._ended = True
             self._join()
+            self._consumed = self.pipeline.snapshot()  # the worker is done: the end position
             raise StopIteration
         if isinstance(item, BaseException):
             self._ended = True
@@ -356,6 +374,11 @@ class DataLoader:
     def state_dict(self) -> dict:
         """Position after the last batch handed out (JSON-serialisable)."""
         return to_serialisable(self._consumed)
+
+    def position(self) -> dict:
+        """The position after the last batch handed out as a live snapshot: cheap (no copy of
+        the queued samples) and accepted by `load_state_dict`, but not JSON-serialisable."""
+        return self._consumed
 
     def load_state_dict(self, state: dict) -> None:
         self._shutdown()

@@ -37,6 +37,7 @@ class SourceStream:
         self.shuffle = shuffle
         self.buffer_size = buffer_size if shuffle else 1
         self.completed = 0
+        self.pass_rows: int | None = None  # rows in one pass, known once a pass completed
         self._cursor = reader.start()
         self._exhausted = False
         self._buffer: list[RawRow] = []
@@ -59,6 +60,7 @@ class SourceStream:
         self._fill()
         if not self._buffer:  # that was the last row of this pass
             self.completed += 1
+            self.pass_rows = self._rows_this_pass
             self._cursor, self._exhausted, self._iter = self.reader.start(), False, None
             self._rows_this_pass = 0
             self._rng = random.Random(self._pass_seed())
@@ -82,6 +84,7 @@ class SourceStream:
             "exhausted": self._exhausted,
             "buffer": [row.cursor for row in self._buffer],
             "rows_this_pass": self._rows_this_pass,
+            "pass_rows": self.pass_rows,
             "rng": rng_state(self._rng),
         }
 
@@ -92,6 +95,7 @@ class SourceStream:
         self._iter = None
         self._buffer = self.reader.read_many(state["buffer"]) if state["buffer"] else []
         self._rows_this_pass = state["rows_this_pass"]
+        self.pass_rows = state.get("pass_rows")
         set_rng_state(self._rng, state["rng"])
 
 

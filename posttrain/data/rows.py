@@ -14,6 +14,7 @@ conversation ordered system, user, assistant (not by the mapping's key order).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,32 @@ def apply_field_map(data: dict, fields: dict[str, str]) -> dict:
     return {fields.get(k, k): v for k, v in data.items()}
 
 
+def parse_dialogue(text: str, markers: dict[str, str], field: str) -> list[dict]:
+    """Raw dialogue text (`"\\n\\nHuman: hi\\n\\nAssistant: hello"`) -> messages, one per marker.
+
+    Each turn's content is the text up to the next marker, stripped of surrounding whitespace;
+    text before the first marker is an error (a marker set that does not fit the data).
+    """
+    pattern = re.compile("|".join(re.escape(m) for m in sorted(markers, key=len, reverse=True)))
+    found = list(pattern.finditer(text))
+    if not found:
+        raise FieldError(field, f"no dialogue marker ({', '.join(map(repr, markers))}) in the text")
+    if text[: found[0].start()].strip():
+        raise FieldError(field, f"text before the first dialogue marker: {text[: found[0].start()][:40]!r}")
+    ends = [m.start() for m in found[1:]] + [len(text)]
+    return [{"role": markers[m.group()], "content": text[m.end() : end].strip()} for m, end in zip(found, ends)]
+
+
+def _apply_dialogue(data: dict, markers: dict[str, str] | None) -> dict:
+    if not markers:
+        return data
+    out = dict(data)
+    for name in ("messages", "prompt", "chosen", "rejected"):
+        if isinstance(out.get(name), str):
+            out[name] = parse_dialogue(out[name], markers, name)
+    return out
+
+
 def check_messages(value: Any, field: str, *, allow_empty: bool = False) -> list[dict]:
     """Validated shallow copies of the messages (keys holding None dropped, as Arrow adds them)."""
     if not isinstance(value, list):
@@ -162,7 +189,7 @@ def _untrained(messages: list[dict]) -> list[dict]:
 
 def parse_row(data: dict, source: SourceConfig, *, task: str, chat_template: bool = True) -> Example:
     """The typed example of one decoded row, for `task` ("sft", "preference" or "prompt")."""
-    data = apply_field_map(data, source.fields)
+    data = _apply_dialogue(apply_field_map(data, source.fields), source.dialogue)
     tools = _tools(data)
     if task == "preference":
         return _parse_preference(data, source, tools)
@@ -206,19 +233,36 @@ def _parse_preference(data: dict, source: SourceConfig, tools: list[dict] | None
         chosen = _as_messages(data["chosen"], "chosen", "assistant")
         rejected = _as_messages(data["rejected"], "rejected", "assistant")
     else:  # full conversations: the shared leading messages are the prompt
-        chosen_all = check_messages(data["chosen"], "chosen")
-        rejected_all = check_messages(data["rejected"], "rejected")
-        shared = 0
-        while (
-            shared < min(len(chosen_all), len(rejected_all)) - 1
-            and chosen_all[shared] == rejected_all[shared]
-        ):
-            shared += 1
-        if shared == 0:
-            raise FieldError("chosen", "chosen and rejected share no prompt messages")
-        prompt, chosen, rejected = chosen_all[:shared], chosen_all[shared:], rejected_all[shared:]
+        prompt, chosen, rejected = _split_shared_prompt(
+            check_messages(data["chosen"], "chosen"), check_messages(data["rejected"], "rejected")
+        )
     for name, messages in (("chosen", chosen), ("rejected", rejected)):
         if not any(m["role"] == "assistant" for m in messages):
             raise FieldError(name, "has no assistant message after the prompt")
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant" and isinstance(m.get("content"), str) and not m["content"].strip():
+                raise FieldError(f"{name}[{i}].content", "empty reply")
+    if chosen == rejected:
+        raise FieldError("rejected", "equals chosen; a preference pair needs two different replies")
     prompt = _untrained(_with_system(prompt, source.system_prompt))
     return PreferenceExample(prompt, chosen, rejected, tools)
+
+
+def _split_shared_prompt(chosen_all: list[dict], rejected_all: list[dict]) -> tuple[list, list, list]:
+    """(prompt, chosen, rejected): the longest shared leading messages are the prompt, and what
+    follows must be one final assistant reply on each side, so that only the replies are scored."""
+    shared = 0
+    while shared < min(len(chosen_all), len(rejected_all)) - 1 and chosen_all[shared] == rejected_all[shared]:
+        shared += 1
+    if shared == 0:
+        raise FieldError("chosen", "chosen and rejected share no prompt messages")
+    chosen, rejected = chosen_all[shared:], rejected_all[shared:]
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        if len(messages) != 1 or messages[0]["role"] != "assistant":
+            raise FieldError(
+                name,
+                f"chosen and rejected differ before their last reply: after {shared} shared messages "
+                f"chosen has {len(chosen)} and rejected {len(rejected)} ({', '.join(m['role'] for m in messages)} "
+                f"in {name}); only one final assistant reply per side may differ",
+            )
+    return chosen_all[:shared], chosen, rejected

@@ -9,9 +9,10 @@ decoded lazily (`RawRow.load`), so a malformed line fails where it is used, with
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,12 @@ class RawRow:
         """The row as a dict; raises `DataError` for malformed JSON or a non-object value."""
         data = self.payload
         if isinstance(data, bytes):
-            try:
-                data = json.loads(data)
+            try:  # without the line break, an error at the end of the line keeps its column
+                data = json.loads(data.rstrip(b"\r\n"))
             except UnicodeDecodeError as err:
                 raise self.error(None, f"not valid UTF-8 ({err.reason})") from None
             except json.JSONDecodeError as err:
-                raise self.error(None, f"malformed JSON: {err.msg} at column {err.colno}") from None
+                raise self.error(None, f"malformed JSON at column {err.colno}: {err.msg}") from None
         if not isinstance(data, dict):
             raise self.error(None, f"expected a JSON object, got {type(data).__name__}")
         return data
@@ -88,17 +89,24 @@ def _key(cursor: Cursor) -> Any:
 
 
 class JsonlReader(Reader):
-    """One JSON object per line; blank lines are skipped. Cursor: [byte offset, line number]."""
+    """One JSON object per line; blank lines are skipped. Cursor: [byte offset, line number].
 
-    def __init__(self, path: str):
-        self.path = path
+    A gzip-compressed file (`.jsonl.gz`) is read the same way; offsets are into the decompressed
+    text, so a seek decompresses up to it (restoring a shuffle buffer reads the file once).
+    """
+
+    def __init__(self, path: str, compressed: bool = False):
+        self.path, self.compressed = path, compressed
+
+    def _open(self):
+        return gzip.open(self.path, "rb") if self.compressed else open(self.path, "rb")
 
     def start(self) -> Cursor:
         return [0, 1]
 
     def iter_from(self, cursor: Cursor) -> Iterator[RawRow]:
         offset, line_no = cursor
-        with open(self.path, "rb") as f:
+        with self._open() as f:
             f.seek(offset)
             for line in f:
                 here = [offset, line_no]
@@ -108,14 +116,42 @@ class JsonlReader(Reader):
                     yield RawRow(self.path, "line", here[1], here, [offset, line_no], line)
 
     def read_many(self, cursors: Sequence[Cursor]) -> list[RawRow]:
+        if self.compressed:  # one sequential pass instead of a decompression per seek
+            return super().read_many(cursors)
         rows = []
-        with open(self.path, "rb") as f:
+        with self._open() as f:
             for offset, line_no in cursors:
                 f.seek(offset)
                 line = f.readline()
                 nxt = [offset + len(line), line_no + 1]
                 rows.append(RawRow(self.path, "line", line_no, [offset, line_no], nxt, line))
         return rows
+
+
+class RowRange(Reader):
+    """The rows `start <= i < stop` (0-based, in file order) of another reader, keeping their
+    original lines for messages. Cursor: [the inner reader's cursor, row index]."""
+
+    def __init__(self, inner: Reader, start: int, stop: int | None):
+        self.inner, self.first, self.stop = inner, start, stop
+        self.path = inner.path
+
+    def start(self) -> Cursor:
+        return [self.inner.start(), 0]
+
+    def iter_from(self, cursor: Cursor) -> Iterator[RawRow]:
+        inner_cursor, index = cursor
+        for row in self.inner.iter_from(inner_cursor):
+            if self.stop is not None and index >= self.stop:
+                return
+            here, index = index, index + 1
+            if here >= self.first:
+                yield replace(row, cursor=[row.cursor, here], next_cursor=[row.next_cursor, index])
+
+    def read_many(self, cursors: Sequence[Cursor]) -> list[RawRow]:
+        rows = self.inner.read_many([c for c, _ in cursors])
+        return [replace(row, cursor=[row.cursor, i], next_cursor=[row.next_cursor, i + 1])
+                for row, (_, i) in zip(rows, cursors)]
 
 
 class JsonArrayReader(Reader):
@@ -280,7 +316,7 @@ def detect_format(path: Path) -> str:
     if path.is_dir():
         return "hf"
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
+    if suffix in (".jsonl", ".ndjson") or "".join(path.suffixes[-2:]).lower() in (".jsonl.gz", ".ndjson.gz"):
         return "jsonl"
     if suffix == ".json":
         return "json"
@@ -293,13 +329,19 @@ def detect_format(path: Path) -> str:
 
 
 def open_source(cfg: SourceConfig) -> Reader:
-    """The reader for one configured source; fails early when the path is missing."""
+    """The reader for one configured source (limited to `cfg.rows` when set); fails early when
+    the path is missing."""
+    reader = _open_reader(cfg)
+    return reader if cfg.rows is None else RowRange(reader, *cfg.rows)
+
+
+def _open_reader(cfg: SourceConfig) -> Reader:
     path = Path(cfg.path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data source {cfg.path!r} not found (relative to {Path.cwd()})")
     fmt = detect_format(path) if cfg.format == "auto" else cfg.format
     if fmt == "jsonl":
-        return JsonlReader(str(path))
+        return JsonlReader(str(path), compressed=path.suffix.lower() == ".gz")
     if fmt == "json":
         return JsonArrayReader(str(path))
     if fmt == "parquet":

@@ -48,9 +48,11 @@ def _format_eta(seconds: float) -> str:
 class ConsoleSink:
     """Progress to the console: step/total, elapsed, ETA, loss, lr, tokens/s, MFU.
 
-    Metrics whose name holds a `/` (e.g. `eval/loss`) are printed as a line of their own, since
-    they come at their own cadence. Without a terminal (CI logs, files), every call prints one
-    line with a simple ETA instead of redrawing a bar.
+    Metrics whose name holds a `/` (e.g. `eval/loss`) logged on their own are printed as a line
+    of their own, since they come at their own cadence; logged with a step's metrics (the data
+    counters `data/dropped`, ...) they join the step's line when non-zero. Without a terminal
+    (CI logs, files), every step prints exactly one unwrapped line with a simple ETA instead of
+    redrawing a bar.
     """
 
     def __init__(
@@ -90,19 +92,22 @@ class ConsoleSink:
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         grouped = {k: v for k, v in metrics.items() if "/" in k}
-        if grouped:
-            line = " | ".join(f"{k} {format_value(v)}" for k, v in grouped.items())
-            self.console.print(f"step {step}: {line}")
         stats = format_stats(metrics)
-        if not stats and grouped:
-            return  # an evaluation-only call: the bar does not move
+        if not stats:  # an evaluation (or other periodic) call: a line of its own, the bar stays
+            if grouped:
+                line = " | ".join(f"{k} {format_value(v)}" for k, v in grouped.items())
+                self.console.print(f"step {step}: {line}", highlight=False, soft_wrap=True)
+            return
+        # Counters logged with the step (data/dropped, ...) join its line, and only when non-zero.
+        counters = " | ".join(f"{k} {format_value(v)}" for k, v in grouped.items() if v)
+        stats = " | ".join(part for part in (stats, counters) if part)
         if self.progress is not None:
             self.progress.update(self.task, completed=step, stats=stats)
             return
         total = f"/{self.total_steps}" if self.total_steps is not None else ""
         eta = self._eta(step)
-        line = f"step {step}{total}" + (f" | {stats}" if stats else "") + (f" | eta {eta}" if eta else "")
-        self.console.print(line, highlight=False)
+        line = f"step {step}{total} | {stats}" + (f" | eta {eta}" if eta else "")
+        self.console.print(line, highlight=False, soft_wrap=True)  # one line per step, never wrapped
 
     def close(self) -> None:
         if self.progress is not None:

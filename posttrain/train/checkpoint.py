@@ -12,9 +12,12 @@ Layout under the run directory::
       latest               text file naming the newest checkpoint ("step_200")
 
 A checkpoint is written under `.tmp-step_N` and renamed to `step_N` only once every rank's files
-and `meta.json` are there, so a directory named `step_N` is always complete. `latest` is replaced
-atomically after the rename. Works in a process group of any size (ranks must share the
-filesystem) and with no process group at all.
+and `meta.json` are there, so a directory named `step_N` is always complete. `meta.json` holds a
+checksum manifest of every other file (`manifest`: size and sha256), written before the rename;
+`verify_checkpoint` checks it. `latest` is replaced atomically after the rename. Pruning renames a
+checkpoint to `.tmp-pruned-step_N` before deleting it, so a crash mid-prune never leaves a
+half-deleted `step_N`. Works in a process group of any size (ranks must share the filesystem) and
+with no process group at all. Files are read without trusting them (see `checkpoint_io`).
 """
 
 from __future__ import annotations
@@ -44,11 +47,25 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
+
+from posttrain.train.checkpoint_io import (
+    MANIFEST_KEY,
+    META_FILE,
+    CheckpointError,
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    describe_write_error,
+    first_failure,
+    file_digests,
+    free_bytes,
+    load_rank_file,
+    read_meta,
+)
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
-META_FILE = "meta.json"
 TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -238,10 +255,6 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
 
 
-def read_meta(checkpoint: str | Path) -> dict[str, Any]:
-    return json.loads((Path(checkpoint) / META_FILE).read_text())
-
-
 # ----------------------------------------------------------------------------- save
 
 
@@ -256,9 +269,11 @@ def save_checkpoint(
     """Save `app_state` as `run_dir/checkpoints/step_{step}` and return that path.
 
     Collective: every rank calls it. `meta` (JSON-serialisable, e.g. `{"tokens": ...,
-    "config_hash": ...}`) is written to `meta.json` with `step`, `time`, `saved_at` and
-    `world_size`. Saving a step that already exists replaces it. With `keep_last=K`, K
-    checkpoints stay: this one and the newest others by step (see `prune_checkpoints`).
+    "config_hash": ...}`) is written to `meta.json` with `step`, `time`, `saved_at`,
+    `world_size` and the checksum `manifest` of the other files. Saving a step that already
+    exists replaces it. With `keep_last=K`, K checkpoints stay: this one and the newest others by
+    step (see `prune_checkpoints`). A failed write (a full disk) raises `CheckpointError` naming
+    the cause and the newest complete checkpoint, which is left as it was.
     """
     rank, world_size, distributed = _rank_world()
     root = Path(run_dir) / CHECKPOINTS_DIR
@@ -270,47 +285,63 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier(distributed)
-
-    with _single_process_quiet(distributed):
-        dcp.save({"app": app_state}, checkpoint_id=tmp, no_dist=not distributed)
-    with open(rank_file(tmp, rank), "wb") as f:
-        torch.save(app_state.rank_state_dict(), f)
-        f.flush()
-        os.fsync(f.fileno())
-    _barrier(distributed)
-
-    if rank == 0:
-        now = time.time()
-        record = {
-            **(meta or {}),
-            "step": step,
-            "time": now,
-            "saved_at": datetime.fromtimestamp(now, timezone.utc).isoformat(),
-            "world_size": world_size,
-        }
-        _write_atomic(tmp / META_FILE, (json.dumps(record, indent=2) + "\n").encode())
-        if final.exists():  # re-saving a step (e.g. after resuming from an earlier one)
-            old = root / f"{TMP_PREFIX}old-step_{step}"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(root / LATEST_FILE, (final.name + "\n").encode())
-        if keep_last is not None:
-            prune_checkpoints(run_dir, keep_last, keep=final)
+    try:
+        with _single_process_quiet(distributed):
+            dcp.save({"app": app_state}, checkpoint_id=tmp, no_dist=not distributed)
+        with open(rank_file(tmp, rank), "wb") as f:
+            torch.save(app_state.rank_state_dict(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        _barrier(distributed)
+        if rank == 0:
+            record = {**(meta or {}), "step": step, "world_size": world_size}
+            _complete(tmp, final, record)
+    except (OSError, RuntimeError, CheckpointException) as err:
+        raise _write_failed(first_failure(err), run_dir, tmp) from None
+    if rank == 0 and keep_last is not None:
+        prune_checkpoints(run_dir, keep_last, keep=final)
     _barrier(distributed)
     return final
 
 
-def prune_checkpoints(run_dir: str | Path, keep_last: int, keep: Path | None = None) -> list[Path]:
-    """Keep `keep_last` complete checkpoints, delete the rest and stale temporary directories.
+def _complete(tmp: Path, final: Path, record: dict[str, Any]) -> None:
+    """Write `meta.json` (with the checksum manifest) into `tmp`, rename it to `final`, point
+    `latest` at it. Rank 0 only, after every rank's files are written."""
+    now = time.time()
+    record = {**record, "time": now, "saved_at": datetime.fromtimestamp(now, timezone.utc).isoformat(),
+              MANIFEST_KEY: file_digests(tmp)}
+    _write_atomic(tmp / META_FILE, (json.dumps(record, indent=2) + "\n").encode())
+    root = final.parent
+    if final.exists():  # re-saving a step (e.g. after resuming from an earlier one)
+        old = root / f"{TMP_PREFIX}old-{final.name}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    _write_atomic(root / LATEST_FILE, (final.name + "\n").encode())
 
-    Kept: `keep` (the one just written) and the newest others by step. Returns the deleted
-    checkpoint paths. Call on one rank only.
+
+def _write_failed(err: BaseException, run_dir: str | Path, tmp: Path) -> CheckpointError:
+    """The error for a failed save; the partial directory is removed (it would never be loaded)."""
+    cause = describe_write_error(err, tmp.parent, free_bytes(tmp.parent))
+    shutil.rmtree(tmp, ignore_errors=True)
+    newest = latest_checkpoint(run_dir)
+    kept = f"the newest complete checkpoint is still {newest}" if newest else "no complete checkpoint exists yet"
+    return CheckpointError(f"writing checkpoint {tmp.name.removeprefix(TMP_PREFIX)} failed: {cause}; {kept}")
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int, keep: Path | None = None) -> list[Path]:
+    """Keep `keep_last` complete checkpoints, delete the rest and any leftovers of a crash.
+
+    Kept: `keep` (the one just written) and the newest others by step. Leftovers are temporary
+    directories and `step_N` directories that are not complete (a crash in the middle of an
+    older version's pruning). A checkpoint is renamed to a temporary name before it is deleted,
+    so a crash here leaves only temporary directories. Returns the deleted checkpoint paths. Call
+    on one rank only.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -321,9 +352,13 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int, keep: Path | None = N
         doomed = others[: max(0, len(others) - (keep_last - 1))]
     else:
         doomed = checkpoints[:-keep_last]
-    for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
     root = Path(run_dir) / CHECKPOINTS_DIR
+    incomplete = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and not is_complete(p)]
+    for path in doomed + incomplete:
+        trash = root / f"{TMP_PREFIX}pruned-{path.name}"
+        if trash.exists():
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(path, trash)
     for stale in root.glob(f"{TMP_PREFIX}*"):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
@@ -346,31 +381,42 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def find_resume_checkpoint(run_dir: str | Path, resume: str) -> Path | None:
-    """The checkpoint to resume from, per `checkpoint.resume`.
+def resume_candidates(run_dir: str | Path, resume: str) -> list[Path]:
+    """The checkpoints `checkpoint.resume` allows, preferred first.
 
-    `never`: None. `auto`: the newest complete checkpoint of `run_dir`, or None when there is
-    none. Anything else is a path: a checkpoint directory (`.../step_N`), or a run directory or
-    its `checkpoints/` directory, whose newest complete checkpoint is taken. Raises ValueError
-    when a given path holds no complete checkpoint.
+    `never`: none. `auto`: the complete checkpoints of `run_dir`, the one `latest` names first,
+    then the others by descending step. A path to a checkpoint (`.../step_N`): only that one. A
+    run directory or its `checkpoints/` directory: its complete checkpoints as for `auto`. Raises
+    ValueError when a given path holds no complete checkpoint.
     """
     if resume == "never":
-        return None
+        return []
     if resume == "auto":
-        return latest_checkpoint(run_dir)
+        return _newest_first(Path(run_dir))
     path = Path(resume).expanduser()
     if is_complete(path):
-        return path
+        return [path]
     if not path.exists():
         raise ValueError(f"checkpoint.resume: {resume!r} does not exist")
-    run = path.parent if path.name == CHECKPOINTS_DIR else path
-    found = latest_checkpoint(run)
-    if found is None:
+    found = _newest_first(path.parent if path.name == CHECKPOINTS_DIR else path)
+    if not found:
         raise ValueError(
             f"checkpoint.resume: {resume!r} is neither a complete checkpoint (step_N with "
             f"{META_FILE}) nor a run directory holding one"
         )
     return found
+
+
+def _newest_first(run_dir: Path) -> list[Path]:
+    checkpoints = list_checkpoints(run_dir)[::-1]
+    latest = latest_checkpoint(run_dir)
+    return ([latest] if latest else []) + [p for p in checkpoints if p != latest]
+
+
+def find_resume_checkpoint(run_dir: str | Path, resume: str) -> Path | None:
+    """The preferred checkpoint of `resume_candidates` (not verified), or None."""
+    candidates = resume_candidates(run_dir, resume)
+    return candidates[0] if candidates else None
 
 
 def load_checkpoint(
@@ -383,21 +429,28 @@ def load_checkpoint(
     it changed, every rank takes the loader position of rank 0's file — the data loader accepts it
     when its stream is shared by all ranks (`data.shard: rows`) and refuses it otherwise — and
     keeps its freshly seeded RNG. `strict_rank_state=False` keeps the current loader position and
-    RNG instead of failing when no usable per-rank file exists.
+    RNG instead of failing when no usable per-rank file exists. Nothing is unpickled without
+    restriction (`checkpoint_io`); an unreadable file raises `CheckpointError` naming it.
     """
     checkpoint = Path(checkpoint)
     if not is_complete(checkpoint):
         raise ValueError(f"{checkpoint} is not a complete checkpoint")
     rank, world_size, distributed = _rank_world()
     meta = read_meta(checkpoint)
-    with _single_process_quiet(distributed):
-        dcp.load({"app": app_state}, checkpoint_id=checkpoint, no_dist=not distributed)
+    try:
+        with _single_process_quiet(distributed):
+            dcp.load({"app": app_state}, storage_reader=SafeFileSystemReader(checkpoint),
+                     planner=SafeLoadPlanner(), no_dist=not distributed)
+    except CheckpointException as err:
+        cause = first_failure(err)
+        if isinstance(cause, CheckpointError):
+            raise cause from None
+        raise CheckpointError(f"{checkpoint}: loading the DCP shards failed ({type(cause).__name__}: "
+                              f"{cause})") from None
     same_world = meta.get("world_size", world_size) == world_size
     per_rank = rank_file(checkpoint, rank if same_world else 0)
     if per_rank.is_file():
-        # Tensors, RNG tuples and the loader's JSON-like state: no arbitrary objects are unpickled.
-        state = torch.load(per_rank, weights_only=True)
-        app_state.load_rank_state_dict(state, restore_rng=same_world)
+        app_state.load_rank_state_dict(load_rank_file(per_rank), restore_rng=same_world)
     elif strict_rank_state:
         raise ValueError(f"{checkpoint} has no per-rank state file {per_rank.name}; it is incomplete")
     return meta

@@ -7,7 +7,9 @@ An objective turns one micro-batch into its share of the step's loss and into me
 `normaliser` is the *global* count of the units the objective averages over (`tokens`: trained
 tokens, `sequences`: documents, `pairs`: document pairs), summed over every micro-batch of the
 step and every data-parallel rank; `loss` is this micro-batch's sum divided by it, so the shares
-add up to the global mean however the batch was split. `metrics` maps a name to `(sum, count)`
+add up to the global mean however the batch was split. An objective with a second denominator
+(DPO's optional SFT term is a mean over chosen tokens) names it in `extra_counts(batch)`; the
+global sums arrive as `normaliser.counts[name]` (`Normaliser` is an `int` that carries them). `metrics` maps a name to `(sum, count)`
 on this micro-batch; the step engine sums both over micro-batches and ranks and reports
 `sum / count`, a global mean whose denominator each metric chooses for itself.
 
@@ -33,6 +35,17 @@ NORMALISERS: tuple[str, ...] = ("tokens", "sequences", "pairs")
 MetricValue = tuple[torch.Tensor | float, torch.Tensor | float]  # (sum, count)
 
 
+class Normaliser(int):
+    """The global count of an objective's unit, carrying its extra global counts in `counts`."""
+
+    counts: dict[str, int]
+
+    def __new__(cls, units: int, counts: Mapping[str, int] | None = None) -> Normaliser:
+        value = super().__new__(cls, units)
+        value.counts = dict(counts or {})
+        return value
+
+
 @dataclass
 class ObjectiveOutput:
     loss: torch.Tensor  # scalar: this micro-batch's share of the global mean
@@ -50,6 +63,10 @@ class Objective:
     def prepare(self, batch: Any) -> Any:
         """A no-grad pass before the step (called under `torch.no_grad()` and the step's autocast)."""
         return batch
+
+    def extra_counts(self, batch: Any) -> dict[str, int]:
+        """Named counts on this micro-batch to be summed globally (`Normaliser.counts`)."""
+        return {}
 
     def compute(self, model: nn.Module, batch: Any, normaliser: int) -> ObjectiveOutput:
         raise NotImplementedError

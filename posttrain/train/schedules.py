@@ -84,6 +84,19 @@ class WarmupDecayLR(LRScheduler):
             min_lr_ratio=self.min_lr_ratio,
         )
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the position only. The settings and base rates stay as this scheduler was
+        built (from the current config), and the optimiser's rates are recomputed for the step,
+        so a resumed run follows its current schedule; with an unchanged config the rates are the
+        saved ones bit for bit. Call after loading the optimiser's state."""
+        self.last_epoch = int(state_dict["last_epoch"])
+        self._step_count = int(state_dict.get("_step_count", self.last_epoch + 1))
+        lrs = self.get_lr()
+        for group, lr, base in zip(self.optimizer.param_groups, lrs, self.base_lrs):
+            group["lr"] = lr
+            group["initial_lr"] = base
+        self._last_lr = lrs
+
     def get_lr(self) -> list[float]:
         # `last_epoch` is the number of `step()` calls so far: the index of the next optimiser step.
         factor = self.factor(self.last_epoch)

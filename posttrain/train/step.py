@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from posttrain.train.objective import MetricTotals, Objective, check_fields, normaliser_count
+from posttrain.train.objective import MetricTotals, Normaliser, Objective, check_fields, normaliser_count
 
 
 class MicroBatch(Protocol):
@@ -68,16 +68,21 @@ def global_counts(
     micro_batches: Sequence[MicroBatch],
     device: torch.device,
     group: dist.ProcessGroup | None = None,
-    normaliser: str = "tokens",
-) -> list[int]:
-    """(tokens, trained tokens, documents, normaliser units) summed over micro-batches and the
-    ranks of `group`, in one all-reduce."""
+    objective: Objective | None = None,
+) -> tuple[int, int, int, Normaliser]:
+    """(tokens, trained tokens, documents, the objective's normaliser with its extra counts)
+    summed over micro-batches and the ranks of `group`, in one all-reduce. Without an objective
+    the normaliser counts trained tokens."""
+    unit = objective.normaliser if objective is not None else "tokens"
+    extra = [objective.extra_counts(mb) for mb in micro_batches] if objective is not None else []
+    names = sorted({name for counts in extra for name in counts})
     counts = torch.tensor(
         [
             sum(mb.num_tokens for mb in micro_batches),
             sum(mb.num_trained_tokens for mb in micro_batches),
             sum(mb.num_documents for mb in micro_batches),
-            sum(normaliser_count(normaliser, mb) for mb in micro_batches),
+            sum(normaliser_count(unit, mb) for mb in micro_batches),
+            *(sum(c.get(name, 0) for c in extra) for name in names),
         ],
         dtype=torch.int64,
         device=device,
@@ -85,7 +90,8 @@ def global_counts(
     world_size, distributed = _world(group)
     if distributed and world_size > 1:
         dist.all_reduce(counts, group=group)
-    return [int(c) for c in counts.tolist()]
+    tokens, trained, documents, units, *rest = (int(c) for c in counts.tolist())
+    return tokens, trained, documents, Normaliser(units, dict(zip(names, rest)))
 
 
 def prepare_batches(
@@ -159,9 +165,9 @@ def train_step(
     """
     device = torch.device(device)
     world_size, distributed = _world(dp_group)
-    tokens, trained, documents, units = global_counts(micro_batches, device, dp_group, objective.normaliser)
+    tokens, trained, documents, units = global_counts(micro_batches, device, dp_group, objective)
     micro_batches = prepare_batches(objective, micro_batches, precision, device)
-    num_valid = max(units, 1)
+    num_valid = Normaliser(max(units, 1), units.counts)
     loss_total = torch.zeros((), dtype=torch.float32, device=device)
     metrics = MetricTotals(device)
     model.train()
@@ -189,7 +195,7 @@ def train_step(
         num_documents=documents,
         skipped=skipped,
         metrics=metrics.means(dp_group),
-        num_units=units,
+        num_units=int(units),
     )
 
 
@@ -206,7 +212,7 @@ def evaluate_objective(
     """`loss` (mean per normaliser unit over `batches` on all data-parallel ranks, NaN when there
     is none) and the objective's metrics, without gradients."""
     device = torch.device(device)
-    *_, units = global_counts(batches, device, dp_group, objective.normaliser)
+    *_, units = global_counts(batches, device, dp_group, objective)
     if units == 0:
         return {"loss": float("nan")}
     batches = prepare_batches(objective, batches, precision, device)

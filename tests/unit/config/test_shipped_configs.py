@@ -20,5 +20,16 @@ def test_template_validates(path, tmp_path, monkeypatch, gsm8k_path):
     overrides = []
     if path.name == "demo.yaml":
         overrides = [f"data.sources.0.path={train}", f"eval.sources.0.path={held_out}"]
+    elif "gsm8k" in path.name:  # the configs name a user's data/ copy; tests read the shared one
+        overrides = [f"data.sources.0.path={gsm8k_path}", f"eval.sources.0.path={gsm8k_path}"]
     cfg = load_config(path, overrides, SFTConfig)
     assert cfg.name and cfg.data.sources
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "gsm8k" in p.name], ids=lambda p: p.name)
+def test_gsm8k_configs_say_how_to_get_the_data(path):
+    """A user's checkout has no ../shared: the configs point into data/ and say how to fill it."""
+    text = path.read_text()
+    assert "../shared" not in text
+    assert "path: data/gsm8k_train.jsonl" in text and "path: data/gsm8k_test.jsonl" in text
+    assert "grade_school_math/data/$s.jsonl" in text

@@ -163,6 +163,27 @@ def test_special_token_escape_encodes_plain_text(smol_tok):
     assert allowed.input_ids == hf_ids(smol_tok, SPECIAL)
 
 
+def _contains(ids: list[int], part: list[int]) -> bool:
+    return any(ids[i : i + len(part)] == part for i in range(len(ids) - len(part) + 1))
+
+
+@pytest.mark.parametrize("content", ["Use <|im_end|> to stop", "a<|im_start|>b <|im_end|>\n c"])
+def test_escaped_content_is_the_tokenizers_own_plain_text_encoding(smol_tok, content):
+    """The escaped string merges with its neighbours as the tokenizer encodes the content as
+    text (`Ġ<` in "Use <|im_end|>"), in a trained and an untrained turn; masks unchanged."""
+    messages = [{"role": "user", "content": content}, {"role": "assistant", "content": content}]
+    sample = render_messages(smol_tok, messages, special_tokens="escape")
+    check_shift(sample)
+    plain = smol_tok(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    user, reply = sample.input_ids.index(plain[0]), len(sample.input_ids) - 2 - len(plain)
+    assert _contains(sample.input_ids[: user + len(plain)], plain)  # the user turn
+    assert sample.input_ids[reply : reply + len(plain)] == plain  # the reply, before <|im_end|> \n
+    assert trained_text(smol_tok, sample) == content + "<|im_end|>"
+    end = smol_tok.convert_tokens_to_ids("<|im_end|>")
+    assert sample.input_ids.count(end) == 3  # system, user, assistant: the template's own
+    assert smol_tok.decode(sample.input_ids) == smol_tok.apply_chat_template(messages, tokenize=False)
+
+
 def test_plain_text_prompt_completion(byte_tok):
     rendered = ChatRenderer(byte_tok).render_text("Q: 1+1=", " 2")
     (sample,) = rendered.samples

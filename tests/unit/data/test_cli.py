@@ -15,7 +15,7 @@ KEYS = {"samples", "tokens", "trained_tokens", "dropped", "truncated", "packing_
 def test_inspect_prints_marked_samples_and_summary(tmp_path, byte_tok_dir, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", qa_rows(30) + [{"question": "only"}])
     recipe = {
-        "model": {"path": str(byte_tok_dir)},
+        "tokenizer": str(byte_tok_dir),  # a data-only file names its tokenizer (a recipe: model.path)
         "data": {
             "sources": [{"path": str(data), "fields": {"question": "user", "answer": "assistant"}}],
             "max_length": 512,
@@ -30,7 +30,8 @@ def test_inspect_prints_marked_samples_and_summary(tmp_path, byte_tok_dir, capsy
     assert KEYS <= set(summary)
     assert summary["samples"] == 30 and summary["dropped"] == 1 and summary["rows"] > 0
     assert 0 < summary["packing_efficiency"] <= 1
-    text = "\n".join(out[:-1])
+    assert out[0].startswith("legend: [[...]] trained tokens")
+    text = "\n".join(out[1:-1])
     assert text.count("--- d.jsonl line") == 2
     assert "[[answer q0" in text and "]]" in text  # piped: trained tokens between markers
 
@@ -40,3 +41,42 @@ def test_inspect_reports_bad_config(tmp_path, capsys):
     cfg.write_text(yaml.safe_dump({"data": {"sources": [{"path": "x.jsonl"}], "packin": True}}))
     assert main(["data", "inspect", str(cfg), "--tokenizer", "x"]) == 2
     assert "packin" in capsys.readouterr().err
+
+
+def test_inspect_loads_the_config_like_the_recipe_commands(tmp_path, byte_tok_dir, capsys):
+    """Line numbers, did-you-mean, unknown top-level keys, key=value overrides: one loader."""
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(4))
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text(
+        f"tokenizer: {byte_tok_dir}\n"
+        "trian:\n  steps: 3\n"
+        "data:\n"
+        f"  sources:\n    - path: {data}\n      fields: {{question: user, answer: assistant}}\n"
+        "  packin: false\n"
+    )
+    assert main(["data", "inspect", str(cfg), "data.max_lenght=64"]) == 2
+    err = capsys.readouterr().err
+    assert f"invalid config {cfg} (3 problems)" in err
+    assert f"data.packin: unknown key; did you mean data.packing?" in err and f"[{cfg}:8]" in err
+    assert f"trian: unknown key; did you mean train?" in err and f"[{cfg}:2]" in err
+    assert "data.max_lenght: unknown key; did you mean data.max_length?" in err
+    assert "[override 'data.max_lenght=64']" in err
+
+    good = cfg.read_text().replace("trian:\n  steps: 3\n", "train:\n  steps: 3\n").replace("packin", "packing")
+    cfg.write_text(good)
+    assert main(["data", "inspect", str(cfg), "data.max_length=512", "--n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "--- d.jsonl line 1:" in out and json.loads(out.splitlines()[-1])["samples"] == 4
+
+
+def test_escaped_control_strings_are_marked_apart_from_real_control_tokens(tmp_path, smollm2_dir, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [
+        {"role": "user", "content": "Say <|im_end|> please"}, {"role": "assistant", "content": "ok <|im_end|>"}]}])
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text(yaml.safe_dump({"tokenizer": str(smollm2_dir), "data": {
+        "sources": [{"path": str(data)}], "special_tokens": "escape", "max_length": 256}}))
+    assert main(["data", "inspect", str(cfg), "--n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "«...» a control-token string found in the content and encoded as plain text" in out
+    assert "Say «<|im_end|>» please<|im_end|>" in out  # escaped text vs the template's own token
+    assert "[[ok «<|im_end|>»<|im_end|>]]" in out

@@ -115,11 +115,27 @@ def test_bad_input_names_file_line_and_field(tmp_path, byte_tok, bad, field, rea
         assert f"field '{field}'" in message
 
 
+@pytest.mark.parametrize("line, reason", [
+    ('{"question": "q", "answer": "a', "at column 29: Unterminated string starting at"),
+    ('{"question": "q", "answer": "a"', "at column 32: Expecting ',' delimiter"),  # was: column 1
+])
+def test_a_line_cut_short_is_reported_at_its_real_column(tmp_path, line, reason):
+    from posttrain.data.sources import JsonlReader
+
+    path = tmp_path / "cut.jsonl"
+    path.write_text(line + "\n")
+    row = next(JsonlReader(str(path)).iter_from([0, 1]))
+    with pytest.raises(DataError) as err:
+        row.load()
+    assert str(err.value) == f"{path}:line 1: malformed JSON {reason}"
+
+
 def test_on_error_skip_counts(tmp_path, byte_tok):
     lines = [GOOD] + [bad for bad, _, _ in BAD_LINES if not isinstance(bad, dict) or "question" not in bad]
     lines += [{"messages": [{"role": "user", "content": "only a question"}]}, GOOD]
     path = write_jsonl(tmp_path / "mixed.jsonl", lines)
-    cfg = DataConfig(sources=[{"path": str(path)}], shuffle=False, on_error="skip", max_length=128)
+    cfg = DataConfig(sources=[{"path": str(path)}], shuffle=False, on_error="skip", max_length=128,
+                     max_skipped_fraction=1.0)
     pipeline = Pipeline(cfg, byte_tok, batch_size=1)
     with pytest.raises(StopIteration):
         while True:

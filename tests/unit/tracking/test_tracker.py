@@ -54,6 +54,22 @@ def test_fan_out_to_console_jsonl_and_tensorboard(tmp_path):
     assert [e.step for e in events.Scalars("eval/loss")] == [2]
 
 
+def test_piped_console_prints_one_unwrapped_line_per_step_with_non_zero_counters_only(tmp_path):
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=False, width=80)  # what a pipe gets
+    step = {"loss": 2.5, "lr": 1e-3, "grad_norm": 1.25, "tokens_per_s": 12345.0, "trained_tokens_per_s": 6789.0,
+            "mfu": 0.123, "data/dropped": 0, "data/truncated": 0, "data/skipped_errors": 0}
+    with Tracker(tmp_path, TrackingConfig(jsonl=False, tensorboard=False), total_steps=20,
+                 console=console) as tracker:
+        tracker.log(13, step)
+        tracker.log(14, {**step, "data/skipped_errors": 2})
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) == 2 and all(len(line) > 80 for line in lines)
+    assert lines[0].startswith("step 13/20 | loss 2.5000") and "trained tok/s 6,789" in lines[0]
+    assert "data/" not in lines[0]
+    assert "| data/skipped_errors 2" in lines[1] and "data/dropped" not in lines[1]
+
+
 def test_resume_drops_lines_after_the_checkpoint(tmp_path):
     with Tracker(tmp_path, FILES_ONLY) as tracker:
         for step in range(1, 6):

@@ -64,6 +64,7 @@ def test_state_dict_resumes_the_same_sequence():
         opt.step()
         sched.step()
     state = sched.state_dict()
+    saved_lr = opt.param_groups[0]["lr"]
     expected = []
     for _ in range(5):
         opt.step()
@@ -71,15 +72,35 @@ def test_state_dict_resumes_the_same_sequence():
         expected.append(sched.get_last_lr()[0])
 
     opt2 = _optimizer()
-    sched2 = WarmupDecayLR(opt2, warmup_steps=0, total_steps=1, schedule="constant")
+    sched2 = WarmupDecayLR(opt2, warmup_steps=3, total_steps=20, schedule="linear", min_lr_ratio=0.2)
+    opt2.param_groups[0]["lr"] = 123.0  # what loading an optimiser state may leave: replaced
     sched2.load_state_dict(state)
-    assert (sched2.warmup_steps, sched2.total_steps, sched2.schedule) == (3, 20, "linear")
+    assert opt2.param_groups[0]["lr"] == saved_lr  # bit for bit
     got = []
     for _ in range(5):
         opt2.step()
         sched2.step()
         got.append(sched2.get_last_lr()[0])
     assert got == expected
+
+
+def test_loading_keeps_the_current_settings_and_continues_at_the_saved_step():
+    """A resumed run with other settings (longer, another lr or shape) follows its own schedule
+    from the saved step, not the saved settings (which would give lr 0 past the old end)."""
+    opt = _optimizer(1e-3)
+    sched = WarmupDecayLR(opt, warmup_steps=0, total_steps=6, schedule="cosine")
+    for _ in range(6):
+        opt.step()
+        sched.step()
+    assert sched.get_last_lr()[0] == 0.0  # the old run ended at the bottom of its cosine
+    opt2 = _optimizer(5e-3)
+    sched2 = WarmupDecayLR(opt2, warmup_steps=0, total_steps=8, schedule="cosine")
+    sched2.load_state_dict(sched.state_dict())
+    expected = 5e-3 * lr_factor(6, warmup_steps=0, total_steps=8, schedule="cosine")
+    assert expected > 0
+    assert opt2.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
+    assert opt2.param_groups[0]["initial_lr"] == 5e-3
+    assert (sched2.total_steps, sched2.last_epoch) == (8, 6)
 
 
 def test_build_scheduler_from_config():
