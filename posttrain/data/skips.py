@@ -1,7 +1,7 @@
 """Rows that give nothing to train on: each skipped row logged once, limits that fail the run.
 
 * A malformed row under `data.on_error: skip` is logged (file, line, field, reason) the first
-  time it is skipped, and counted; once `data.max_skipped_fraction` of the rows read so far
+  time it is skipped in the process, and counted; once `data.max_skipped_fraction` of the rows read so far
   were skipped (checked from `MIN_ROWS` rows on, and at the end of the data) the run fails.
 * A stream that has drawn a whole pass of every source without keeping one sample (all rows
   skipped, too long, or without a trained token) can never produce a batch: an error, not an
@@ -21,6 +21,10 @@ logger = logging.getLogger("posttrain.data")
 
 MIN_ROWS = 100  # the skipped share is judged from this many rows on (and at the end of the data)
 MAX_LOGGED = 1000  # distinct skipped rows logged; later ones are counted only
+
+# Rows already logged in this process: a row is logged once however many pipelines read it (the
+# step-counting pass, a reference pass, training, every epoch).
+_LOGGED: set[tuple[str, str]] = set()
 
 
 class DataQualityError(ValueError):
@@ -46,7 +50,7 @@ class SkipWatch:
         self.log = log
         self.first_error: str | None = None
         self.rows_since_kept = 0
-        self._logged: set[tuple[str, str]] = set()
+        self._logged = _LOGGED
 
     def skipped(self, error: DataError) -> None:
         if self.first_error is None:

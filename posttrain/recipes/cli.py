@@ -1,31 +1,46 @@
-"""`posttrain sft CONFIG [key=value ...]`: load the config, launch the recipe, print a summary."""
+"""`posttrain sft|dpo CONFIG [key=value ...]`: load the config, launch the recipe, print a summary."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+
+# command -> (help, config class "module:name", SPMD entry "module:function")
+RECIPES = {
+    "sft": ("supervised fine-tuning", "posttrain.config:SFTConfig", "posttrain.recipes.sft:run_sft"),
+    "dpo": ("preference optimisation (DPO, IPO, hinge, robust, SimPO)", "posttrain.config.dpo:DPOConfig",
+            "posttrain.recipes.dpo:run_dpo"),
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    sft = subparsers.add_parser(
-        "sft",
-        help="supervised fine-tuning",
-        description="Supervised fine-tuning from a YAML config; override any key as key=value "
-        "(e.g. train.lr=2e-5 lora.enabled=true).",
-    )
-    sft.add_argument("config", help="recipe YAML file")
-    sft.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    sft.set_defaults(func=_cmd_sft)
+    for command, (help_text, _, _) in RECIPES.items():
+        parser = subparsers.add_parser(
+            command,
+            help=help_text,
+            description=f"{help_text[0].upper()}{help_text[1:]} from a YAML config; override any key as "
+            "key=value (e.g. train.lr=2e-5 lora.enabled=true).",
+        )
+        parser.add_argument("config", help="recipe YAML file")
+        parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+        parser.set_defaults(func=_run_recipe, recipe=command)
 
 
-def _cmd_sft(args: argparse.Namespace) -> int:
+def _load(spec: str):
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _run_recipe(args: argparse.Namespace) -> int:
     from posttrain.cluster.launch import launch
-    from posttrain.config import SFTConfig, load_config
+    from posttrain.config import load_config
     from posttrain.tracking import check_tracking_packages
 
-    cfg = load_config(args.config, args.overrides, SFTConfig)
+    _, config_class, entry = RECIPES[args.recipe]
+    cfg = load_config(args.config, args.overrides, _load(config_class))
     check_tracking_packages(cfg.tracking)
-    result = launch("posttrain.recipes.sft:run_sft", cfg, cfg.launcher).main
+    result = launch(entry, cfg, cfg.launcher).main
     summary = {
         "run_dir": result.run_dir,
         "status": result.status,

@@ -98,8 +98,10 @@ class ConsoleSink:
                 line = " | ".join(f"{k} {format_value(v)}" for k, v in grouped.items())
                 self.console.print(f"step {step}: {line}", highlight=False, soft_wrap=True)
             return
-        # Counters logged with the step (data/dropped, ...) join its line, and only when non-zero.
-        counters = " | ".join(f"{k} {format_value(v)}" for k, v in grouped.items() if v)
+        # Grouped metrics logged with the step join its line; data counters (data/dropped, ...)
+        # only when non-zero, an objective's own metrics (rewards/margins, ...) always.
+        counters = " | ".join(f"{k} {format_value(v)}" for k, v in grouped.items()
+                              if v or not k.startswith("data/"))
         stats = " | ".join(part for part in (stats, counters) if part)
         if self.progress is not None:
             self.progress.update(self.task, completed=step, stats=stats)

@@ -27,8 +27,13 @@ class StepMeter:
     """Turns one step's stats into the logged metrics; FLOPs are counted from the architecture
     and the real document lengths of this rank's micro-batches (`train/flops.py`)."""
 
-    def __init__(self, model: nn.Module, *, lora: bool, precision: str, device: torch.device, tp: int):
+    def __init__(self, model: nn.Module, *, lora: bool, precision: str, device: torch.device, tp: int,
+                 frozen_forwards: int = 0, unit: str = "tokens"):
+        """`frozen_forwards`: no-grad forward passes of a same-shaped frozen model per micro-batch
+        (a live reference), counted in MFU; `unit`: the objective's normaliser, logged per second
+        (`pairs_per_s`, `sequences_per_s`) unless it is tokens."""
         self.shape = TransformerShape.from_model_args(model.args)
+        self.frozen_forwards, self.unit = frozen_forwards, unit
         self.adapters = [LoraAdapter(m.in_features, m.out_features, m.rank) for m in lora_modules(model).values()]
         self.train_head = (not lora) or model.head_weight.requires_grad
         self.peak = peak_for_precision(precision, device.type)
@@ -40,7 +45,10 @@ class StepMeter:
         local_trained = sum(mb.num_trained_tokens for mb in micro)
         count = training_flops(self.shape, lengths, head_tokens=local_trained, lora=self.adapters or None,
                                train_head=self.train_head)
-        return count.total / self.tp
+        total = count.total
+        if self.frozen_forwards:  # the frozen model's forward: no adapters, head on scored tokens
+            total += self.frozen_forwards * training_flops(self.shape, lengths, head_tokens=local_trained).forward
+        return total / self.tp
 
     def metrics(
         self, stats: StepStats, micro: Sequence[PackedBatch], elapsed: float, lr: float,
@@ -67,5 +75,7 @@ class StepMeter:
             "data/skipped_errors": data.skipped_errors,
             "epoch": loader.epoch,
         }
+        if self.unit != "tokens":
+            out[f"{self.unit}_per_s"] = stats.num_units / elapsed
         out.update(stats.metrics)
         return out

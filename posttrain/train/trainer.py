@@ -73,6 +73,7 @@ class TrainContext:
     model_dir: Path
     tokenizer: Any
     model: nn.Module | None = None
+    stop: StopFlag | None = None  # long set-up work (a reference pass) checks it
 
 
 class Loader(Protocol):
@@ -222,6 +223,7 @@ def _build(recipe: Recipe, env: DistEnv, attempt: int, stop: StopFlag) -> _Run:
     torch.manual_seed(cfg.train.seed + env.rank)
     point = choose_checkpoint(cfg, env.device, env.world_size)  # verified, config-checked, before the model
     ctx = _context(cfg, env)
+    ctx.stop = stop
     model = ctx.model = build_trainable(cfg.model, cfg.lora, cfg.parallel, model_dir=ctx.model_dir,
                                         device=env.device, mesh=ctx.mesh, seed=cfg.train.seed)
     per_step = cfg.train.grad_accum_steps(cfg.data.max_length, ctx.dp.size)
@@ -238,7 +240,8 @@ def _build(recipe: Recipe, env: DistEnv, attempt: int, stop: StopFlag) -> _Run:
     start_step = int(counters["step"])
     objective = recipe.objective(ctx)
     meter = StepMeter(model, lora=cfg.lora.enabled, precision=cfg.train.precision, device=env.device,
-                      tp=cfg.parallel.tp)
+                      tp=cfg.parallel.tp, frozen_forwards=getattr(objective, "frozen_forwards", 0),
+                      unit=objective.normaliser)
     evaluators = recipe.evaluators(ctx, objective)
     hparams = {"config_hash": config_hash(cfg), "total_steps": total_steps}
     tracker = Tracker(cfg.run_dir, cfg.tracking, total_steps=total_steps, start_step=start_step,

@@ -29,15 +29,15 @@ def write_config(path: Path, model_dir: Path, task_dir: Path, run_root: Path, **
     return _write_config(path, model_dir, task_dir, run_root, steps=STEPS, **sections)
 
 
-def run_ranks(world: int, config: Path, *overrides: str, timeout: float = 600) -> list[str]:
-    """Run `posttrain sft` as `world` torchrun-style processes; returns each rank's stdout."""
+def run_ranks(world: int, config: Path, *overrides: str, timeout: float = 600, command: str = "sft") -> list[str]:
+    """Run `posttrain <command>` as `world` torchrun-style processes; returns each rank's stdout."""
     port = str(find_free_port("127.0.0.1"))
     procs = []
     for rank in range(world):
         env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                "LOCAL_WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "posttrain", "sft", str(config), *overrides],
+        procs.append(subprocess.Popen([sys.executable, "-m", "posttrain", command, str(config), *overrides],
                                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = []
     try:

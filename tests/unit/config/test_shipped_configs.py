@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 
 from posttrain.config import SFTConfig, load_config
+from posttrain.config.dpo import DPOConfig
 from posttrain.demo_task import write_task
 
 REPO = Path(__file__).resolve().parents[3]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+HH_PAIRS = REPO.parent / "shared" / "data" / "hh_harmless_pairs.jsonl.gz"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -22,7 +24,12 @@ def test_template_validates(path, tmp_path, monkeypatch, gsm8k_path):
         overrides = [f"data.sources.0.path={train}", f"eval.sources.0.path={held_out}"]
     elif "gsm8k" in path.name:  # the configs name a user's data/ copy; tests read the shared one
         overrides = [f"data.sources.0.path={gsm8k_path}", f"eval.sources.0.path={gsm8k_path}"]
-    cfg = load_config(path, overrides, SFTConfig)
+    elif "_hh" in path.name:  # a user's data/ copy of HH-RLHF; tests read the shared sample
+        overrides = [f"data.sources.0.path={HH_PAIRS}", f"eval.sources.0.path={HH_PAIRS}"]
+        if not HH_PAIRS.exists():
+            pytest.skip(f"shared data not found at {HH_PAIRS}")
+    config_class = DPOConfig if path.name.startswith("dpo_") else SFTConfig
+    cfg = load_config(path, overrides, config_class)
     assert cfg.name and cfg.data.sources
 
 
@@ -33,3 +40,10 @@ def test_gsm8k_configs_say_how_to_get_the_data(path):
     assert "../shared" not in text
     assert "path: data/gsm8k_train.jsonl" in text and "path: data/gsm8k_test.jsonl" in text
     assert "grade_school_math/data/$s.jsonl" in text
+
+
+def test_hh_config_says_how_to_get_the_data():
+    text = (REPO / "configs" / "dpo_smollm2_hh.yaml").read_text()
+    assert "../shared" not in text
+    assert "path: data/hh_harmless_train.jsonl.gz" in text and "path: data/hh_harmless_test.jsonl.gz" in text
+    assert "hh-rlhf/master/harmless-base/$s.jsonl.gz" in text
