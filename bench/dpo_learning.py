@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--train-rows", type=int, default=380)
     parser.add_argument("--held-out", type=int, default=450, help="rows after the training rows held out")
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--output-dir", help="keep the run here (default: a temporary directory); a rerun "
+                        "with the same data reuses its precomputed reference table")
     parser.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, applied last")
     args = parser.parse_args()
 
@@ -39,12 +41,13 @@ def main() -> None:
     from posttrain.train.roles import load_tokenizer, resolve_model_dir
 
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = args.output_dir or tmp
         cfg = load_config(REPO / "configs" / "dpo_smollm2_hh.yaml", [
             f"data.sources.0.path={HH}", f"data.sources.0.rows=[0,{args.train_rows}]",
             f"eval.sources.0.path={HH}", f"eval.sources.0.rows=[{args.train_rows},{args.train_rows + args.held_out}]",
             f"data.max_length={args.max_length}", "data.max_skipped_fraction=0.1",
             "eval.at_start=false", "eval.every_steps=null", "checkpoint.save_at_end=false",
-            "eval.max_samples=null",
+            "eval.max_samples=null", "checkpoint.resume=never",
             f"output_dir={tmp}", "tracking.console=false", *args.overrides,
         ], DPOConfig)
         start = time.perf_counter()

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from posttrain.models.hf import (
@@ -35,6 +34,7 @@ from posttrain.models.hf import (
 from posttrain.models.common.spec import ModelSpec
 from posttrain.models.lora import LoRALinear
 from posttrain.models.registry import spec_for_model_type
+from posttrain.parallel.fsdp import reshard
 from posttrain.parallel.load import LORA_PARAMS, our_name
 
 SAFETENSORS_DTYPES = {
@@ -66,13 +66,6 @@ class ExportTensor:
 def full(param: torch.Tensor) -> torch.Tensor:
     """The whole tensor on every rank (a collective for a DTensor)."""
     return param.full_tensor() if isinstance(param, DTensor) else param.detach()
-
-
-def _reshard(model: nn.Module) -> None:
-    """Put every FSDP2 module back in its sharded state (a forward may leave the root gathered)."""
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
 
 
 def export_tensors(model: nn.Module) -> list[ExportTensor]:
@@ -160,7 +153,7 @@ def iter_hf_tensors_for_sync(
         if model.hf_source is None:
             raise ValueError("iter_hf_tensors_for_sync needs spec= for a model not loaded from a Hugging Face directory")
         spec = model.hf_source.spec
-    _reshard(model)
+    reshard(model)
     for t in export_tensors(model):
         yield spec.key_map.to_hf(t.name), t.gather()
 
@@ -227,7 +220,7 @@ def save_hf_sharded(
         out.mkdir(parents=True, exist_ok=True)
         for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
             stale.unlink(missing_ok=True)
-    _reshard(model)
+    reshard(model)
     files = plan_files(export_tensors(model), max_shard_bytes)
     names = [SINGLE_FILE] if len(files) == 1 else [
         f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from posttrain.config.dpo import DPOConfig
 from posttrain.config.loading import validate_config
 from posttrain.recipes.dpo import run_dpo
+from tests.integration.sft_configs import merge_sections
 
 FILLER = ("please", "think", "carefully", "about", "this", "small", "sum", "and", "answer", "briefly")
 
@@ -55,12 +56,7 @@ def dpo_config(model_dir: Path, data_path: Path, run_root: Path, *, steps: int =
         "tracking": {"console": False, "tensorboard": False},
         "checkpoint": {"resume": "never"},
     }
-    for section, values in sections.items():
-        if isinstance(values, dict):
-            cfg.setdefault(section, {}).update(values)
-        else:
-            cfg[section] = values
-    return cfg
+    return merge_sections(cfg, sections)
 
 
 def write_config(path: Path, model_dir: Path, data_path: Path, run_root: Path, **kwargs) -> Path:

@@ -22,10 +22,15 @@ def write_config(path: Path, model_dir: Path, task_dir: Path, run_root: Path, *,
         "tracking": {"console": False, "tensorboard": False},
         "checkpoint": {"resume": "never"},
     }
+    path.write_text(yaml.safe_dump(merge_sections(cfg, sections)))
+    return path
+
+
+def merge_sections(cfg: dict, sections: dict) -> dict:
+    """`cfg` with each section updated (a dict) or replaced (anything else)."""
     for section, values in sections.items():
         if isinstance(values, dict):
             cfg.setdefault(section, {}).update(values)
         else:
             cfg[section] = values
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return cfg
