@@ -92,8 +92,9 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sources: list[SourceConfig] = Field(min_length=1)
-    # What a row becomes: one trained conversation (sft) or a chosen/rejected pair (preference).
-    task: Literal["sft", "preference"] = "sft"
+    # What a row becomes: one trained conversation (sft), a chosen/rejected pair (preference) or
+    # an RL prompt with its reference answer (prompt: `posttrain grpo`).
+    task: Literal["sft", "preference", "prompt"] = "sft"
     # Tokens per packed row (and the longest sample kept).
     max_length: int = Field(2048, ge=2)
     # false: one sample per row, padded to the longest row of the batch.

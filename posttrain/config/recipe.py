@@ -119,3 +119,10 @@ class RecipeConfig(Section):
 
 class SFTConfig(RecipeConfig):
     """Supervised fine-tuning: the common sections; the objective is next-token cross-entropy."""
+
+    @model_validator(mode="after")
+    def _check_task(self) -> SFTConfig:
+        if self.data.task == "prompt":
+            raise FieldError("data.task", "prompt rows carry no answer to train on; supervised fine-tuning "
+                             "reads conversations (sft); prompts are for posttrain grpo")
+        return self

@@ -1,4 +1,4 @@
-"""`posttrain sft|dpo CONFIG [key=value ...]`: load the config, launch the recipe, print a summary."""
+"""`posttrain sft|dpo|grpo CONFIG [key=value ...]`: load the config, launch the recipe, print a summary."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ RECIPES = {
     "sft": ("supervised fine-tuning", "posttrain.config:SFTConfig", "posttrain.recipes.sft:run_sft"),
     "dpo": ("preference optimisation (DPO, IPO, hinge, robust, SimPO)", "posttrain.config.dpo:DPOConfig",
             "posttrain.recipes.dpo:run_dpo"),
+    "grpo": ("on-policy RL (GRPO, Dr. GRPO, RLOO, GSPO, DAPO options) with verifiable rewards",
+             "posttrain.config.grpo:GRPOConfig", "posttrain.recipes.grpo:run_grpo"),
 }
 
 

@@ -1,5 +1,6 @@
 """What the chat-data recipes (SFT, DPO) share: the packed training loader and the held-out
-evaluation of the recipe's own objective (plus scored generation where the config asks)."""
+evaluation of the recipe's own objective; scored generation on held-out prompts (every recipe,
+RL included, where the config asks)."""
 
 from __future__ import annotations
 
@@ -30,12 +31,17 @@ class PackedDataRecipe:
                                    rank=ctx.dp.rank, world_size=ctx.dp.size, max_samples=cfg.eval.max_samples)
         evaluators: list[Evaluator] = [HeldOutEvaluator(batches, objective, precision=cfg.train.precision,
                                                         device=ctx.env.device, dp_group=ctx.dp.group)]
-        # A sharded model generates on every rank (its forward is collective); one rank otherwise.
-        if cfg.eval.scorer and (ctx.env.is_main or ctx.mesh is not None):
-            evaluators.append(GenerationEvaluator(
-                ctx.tokenizer, held_out_prompts(cfg.eval.sources, cfg.eval.max_samples), cfg.eval.scorer,
-                max_new_tokens=cfg.eval.max_new_tokens, repetition_penalty=cfg.eval.repetition_penalty,
-                device=ctx.env.device, bf16_autocast=cfg.train.precision == "bf16_autocast",
-                samples_dir=cfg.run_dir / "eval" if ctx.env.is_main else None,
-            ))
-        return evaluators
+        return evaluators + generation_evaluators(cfg, ctx)
+
+
+def generation_evaluators(cfg: RecipeConfig, ctx: TrainContext) -> list[Evaluator]:
+    """Greedy answers to the held-out prompts scored by `eval.scorer` (none without one). A sharded
+    model generates on every rank (its forward is collective); one rank otherwise."""
+    if not (cfg.eval.enabled and cfg.eval.scorer and (ctx.env.is_main or ctx.mesh is not None)):
+        return []
+    return [GenerationEvaluator(
+        ctx.tokenizer, held_out_prompts(cfg.eval.sources, cfg.eval.max_samples), cfg.eval.scorer,
+        max_new_tokens=cfg.eval.max_new_tokens, repetition_penalty=cfg.eval.repetition_penalty,
+        device=ctx.env.device, bf16_autocast=cfg.train.precision == "bf16_autocast",
+        samples_dir=cfg.run_dir / "eval" if ctx.env.is_main else None,
+    )]

@@ -23,6 +23,7 @@ SHOWN: tuple[tuple[str, str, str], ...] = (
     ("tokens_per_s", "tok/s", "{:,.0f}"),
     ("trained_tokens_per_s", "trained tok/s", "{:,.0f}"),
     ("mfu", "mfu", "{:.1%}"),
+    ("reward/mean", "reward", "{:.3f}"),
 )
 
 

@@ -78,4 +78,6 @@ class StepMeter:
         if self.unit != "tokens":
             out[f"{self.unit}_per_s"] = stats.num_units / elapsed
         out.update(stats.metrics)
+        if hasattr(loader, "step_metrics"):  # a StepLoader's own (RL: the rollout's)
+            out.update(loader.step_metrics())
         return out

@@ -11,7 +11,8 @@ add up to the global mean however the batch was split. An objective with a secon
 (DPO's optional SFT term is a mean over chosen tokens) names it in `extra_counts(batch)`; the
 global sums arrive as `normaliser.counts[name]` (`Normaliser` is an `int` that carries them). `metrics` maps a name to `(sum, count)`
 on this micro-batch; the step engine sums both over micro-batches and ranks and reports
-`sum / count`, a global mean whose denominator each metric chooses for itself.
+`sum / count`, a global mean whose denominator each metric chooses for itself. `maxima` maps a
+name to a value reported as its maximum over micro-batches and ranks.
 
 `prepare(batch)` runs before the step's first forward, without gradients: the place for a
 reference or teacher pass that writes per-token fields (`batch.with_fields(...)`). The fields an
@@ -50,6 +51,7 @@ class Normaliser(int):
 class ObjectiveOutput:
     loss: torch.Tensor  # scalar: this micro-batch's share of the global mean
     metrics: dict[str, MetricValue] = field(default_factory=dict)
+    maxima: dict[str, torch.Tensor | float] = field(default_factory=dict)  # reported as the global max
 
 
 class Objective:
@@ -108,8 +110,11 @@ class MetricTotals:
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
         self.totals: dict[str, list[float | torch.Tensor]] = {}
+        self.maxima: dict[str, float] = {}
 
-    def add(self, metrics: Mapping[str, MetricValue]) -> None:
+    def add(self, metrics: Mapping[str, MetricValue], maxima: Mapping[str, torch.Tensor | float] | None = None) -> None:
+        for name, value in (maxima or {}).items():
+            self.maxima[name] = max(self.maxima.get(name, float("-inf")), float(value))
         for name, (total, count) in metrics.items():
             total = total.detach() if isinstance(total, torch.Tensor) else total
             count = count.detach() if isinstance(count, torch.Tensor) else count
@@ -120,19 +125,25 @@ class MetricTotals:
                 self.totals[name] = [total, count]
 
     def means(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
-        """Global `sum / count` per metric (NaN where the count is 0); every rank must call it
-        with the same metric names (a collective when a process group of several ranks exists)."""
-        names = sorted(self.totals)
-        if not names:
+        """Global `sum / count` per metric (NaN where the count is 0) and the global maxima; every
+        rank must call it with the same metric names (a collective when a process group of several
+        ranks exists)."""
+        names, peaks = sorted(self.totals), sorted(self.maxima)
+        if not names and not peaks:
             return {}
         stacked = torch.tensor(
             [[float(self.totals[n][0]), float(self.totals[n][1])] for n in names],
             dtype=torch.float64,
             device=self.device,
-        )
+        ).reshape(len(names), 2)
+        top = torch.tensor([self.maxima[n] for n in peaks], dtype=torch.float64, device=self.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(stacked, group=group)
-        return {
+            if peaks:
+                dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        out = {
             name: (float(total / count) if count != 0 else float("nan"))
             for name, (total, count) in zip(names, stacked.tolist())
         }
+        out.update(zip(peaks, top.tolist()))
+        return out

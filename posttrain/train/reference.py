@@ -21,11 +21,13 @@ from posttrain.train.preference import check_pairs
 from posttrain.train.roles import FrozenModel
 
 
-def token_logprobs(model: torch.nn.Module, batch: PackedBatch, *, chunk_size: int, vocab_chunk_size: int) -> Tensor:
-    """`[B, L]` fp32 log-probs of each scored label under `model` (0 where nothing is scored)."""
+def token_logprobs(model: torch.nn.Module, batch: PackedBatch, *, chunk_size: int, vocab_chunk_size: int,
+                   temperature: float = 1.0) -> Tensor:
+    """`[B, L]` fp32 log-probs of each scored label under `model` at `temperature` (0 where
+    nothing is scored)."""
     hidden = forward_hidden(model, batch)
     return linear_logprobs(hidden, model.head_weight, batch.labels, chunk_size=chunk_size,
-                           vocab_chunk_size=vocab_chunk_size, vocab_size=model.vocab_size)
+                           vocab_chunk_size=vocab_chunk_size, vocab_size=model.vocab_size, temperature=temperature)
 
 
 class LiveReference:
@@ -33,12 +35,14 @@ class LiveReference:
 
     frozen_forwards = 1  # counted in MFU
 
-    def __init__(self, frozen: FrozenModel, *, chunk_size: int, vocab_chunk_size: int):
+    def __init__(self, frozen: FrozenModel, *, chunk_size: int, vocab_chunk_size: int, temperature: float = 1.0):
         self.frozen, self.chunk_size, self.vocab_chunk_size = frozen, chunk_size, vocab_chunk_size
+        self.temperature = temperature
 
     def __call__(self, batch: PackedBatch) -> PackedBatch:
         with self.frozen.active() as model:
-            logps = token_logprobs(model, batch, chunk_size=self.chunk_size, vocab_chunk_size=self.vocab_chunk_size)
+            logps = token_logprobs(model, batch, chunk_size=self.chunk_size, vocab_chunk_size=self.vocab_chunk_size,
+                                   temperature=self.temperature)
         return batch.with_fields(ref_logprobs=logps.float())
 
 

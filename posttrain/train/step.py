@@ -176,7 +176,7 @@ def train_step(
             out = objective.compute(model, mb, num_valid)
         (out.loss * world_size).backward()
         loss_total += out.loss.detach().float()
-        metrics.add(out.metrics)
+        metrics.add(out.metrics, out.maxima)
     if distributed and world_size > 1:
         dist.all_reduce(loss_total, group=dp_group)
     params = [p for p in model.parameters() if p.grad is not None]
@@ -224,7 +224,7 @@ def evaluate_objective(
         with autocast_context(precision, device.type):
             out = objective.compute(model, mb, units)
         total += out.loss.float()
-        metrics.add(out.metrics)
+        metrics.add(out.metrics, out.maxima)
     world_size, distributed = _world(dp_group)
     if distributed and world_size > 1:
         dist.all_reduce(total, group=dp_group)

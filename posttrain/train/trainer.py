@@ -89,6 +89,15 @@ class Loader(Protocol):
     def close(self) -> None: ...
 
 
+class StepLoader(Loader, Protocol):
+    """A loader that composes each optimiser step itself (RL: one minibatch of a rollout, made
+    after the previous update) instead of the trainer grouping a stream of micro-batches.
+    `step_metrics()` returns metrics to log with the step just handed out (may be empty)."""
+
+    def next_step(self) -> list: ...  # [] once the data has ended
+    def step_metrics(self) -> dict[str, float]: ...
+
+
 class Evaluator(Protocol):
     def run(self, model: nn.Module, step: int) -> dict[str, float]: ...
 
@@ -111,6 +120,11 @@ class StepBatches:
 
     def next_step(self) -> list:
         self._boundary = self.loader.position()
+        if hasattr(self.loader, "next_step"):  # a StepLoader
+            batches = [b.to(self.device) for b in self.loader.next_step()]
+            self.exhausted = not batches
+            self._boundary = None
+            return batches
         batches = []
         for batch in self.loader:
             batches.append(batch.to(self.device))

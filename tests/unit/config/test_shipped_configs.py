@@ -8,6 +8,7 @@ import pytest
 
 from posttrain.config import SFTConfig, load_config
 from posttrain.config.dpo import DPOConfig
+from posttrain.config.grpo import GRPOConfig
 from posttrain.demo_task import write_task
 
 REPO = Path(__file__).resolve().parents[3]
@@ -20,7 +21,7 @@ def test_template_validates(path, tmp_path, monkeypatch, gsm8k_path):
     monkeypatch.chdir(REPO)
     train, held_out = write_task(tmp_path)
     overrides = []
-    if path.name == "demo.yaml":
+    if path.name in ("demo.yaml", "grpo_demo_addition.yaml"):
         overrides = [f"data.sources.0.path={train}", f"eval.sources.0.path={held_out}"]
     elif "gsm8k" in path.name:  # the configs name a user's data/ copy; tests read the shared one
         overrides = [f"data.sources.0.path={gsm8k_path}", f"eval.sources.0.path={gsm8k_path}"]
@@ -28,7 +29,9 @@ def test_template_validates(path, tmp_path, monkeypatch, gsm8k_path):
         overrides = [f"data.sources.0.path={HH_PAIRS}", f"eval.sources.0.path={HH_PAIRS}"]
         if not HH_PAIRS.exists():
             pytest.skip(f"shared data not found at {HH_PAIRS}")
-    config_class = DPOConfig if path.name.startswith("dpo_") else SFTConfig
+    if path.name.startswith("grpo_"):  # they start from an SFT export made first; any model validates
+        overrides.append("model.path=smollm2-135m-instruct")
+    config_class = {"dpo": DPOConfig, "grpo": GRPOConfig}.get(path.name.split("_")[0], SFTConfig)
     cfg = load_config(path, overrides, config_class)
     assert cfg.name and cfg.data.sources
 

@@ -1,0 +1,150 @@
+"""`GRPOConfig`: on-policy RL (`posttrain grpo CONFIG`).
+
+The common recipe sections (`data:` holds prompt rows, `data.task: prompt`; `data.max_length` is
+the row length that prompt plus completion must fit), plus:
+
+    rollout:         the generation engine and how it samples
+    grpo:            advantages, the policy loss, its corrections, dynamic sampling, overlong rule
+    rewards:         weighted reward functions (built-in names or package.module:function)
+    reward_workers:  where rewards run, their timeout and what a failure does
+    reference_model: the frozen reference of the KL term (only loaded when grpo.beta > 0)
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from posttrain.config.base import FieldError, Section
+from posttrain.config.model import FrozenModelConfig
+from posttrain.config.recipe import RecipeConfig
+
+
+class RolloutConfig(Section):
+    engine: Literal["native"] = "native"
+    """The generation engine; `native` is our KV-cache decoder in the trainer's process."""
+
+    placement: Literal["colocated"] = "colocated"
+    """colocated: the engine shares the trainer's device and sleeps while the trainer runs."""
+
+    prompts_per_step: int = Field(8, ge=1)
+    """Prompts drawn per rollout over all data-parallel ranks (a multiple of their number)."""
+
+    n: int = Field(8, ge=2)
+    """Samples per prompt (the group the advantages compare)."""
+
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """The engine's weight dtype; auto: the policy's."""
+
+    seed: int | None = None
+    """Sampling seed (per rollout, prompt and sample); null: train.seed."""
+
+
+class DynamicSamplingConfig(Section):
+    enabled: bool = False
+    """Drop groups whose samples all got the same reward (no signal) and draw new prompts."""
+
+    max_rounds: int = Field(3, ge=1)
+    """Generation rounds per rollout at most (the first included); then train on what there is."""
+
+
+class OverlongConfig(Section):
+    mode: Literal["none", "filter", "penalty"] = "none"
+    """filter: completions cut by max_new_tokens are left out of the loss; penalty: their reward
+    falls linearly over the last `buffer` tokens before max_new_tokens (DAPO)."""
+
+    buffer: int = Field(0, ge=0)
+    penalty: float = Field(1.0, ge=0)
+    """The reward taken off at max_new_tokens (penalty mode)."""
+
+
+class CorrectionConfig(Section):
+    mode: Literal["none", "tis", "mis"] = "none"
+    """Importance correction for the engine/trainer mismatch: tis truncates w = pi_trainer /
+    pi_engine at `cap`; mis leaves tokens (or sequences) with w > cap out."""
+
+    level: Literal["token", "sequence"] = "token"
+    cap: float = Field(2.0, gt=1)
+
+
+class GRPOSection(Section):
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    loss: Literal["ppo", "gspo"] = "ppo"
+    """ppo: per-token clipped ratio; gspo: the sequence's geometric-mean ratio, clipped."""
+
+    clip_low: float = Field(0.2, ge=0, lt=1)
+    clip_high: float = Field(0.2, ge=0)
+    """Upper clip range; DAPO's clip-higher uses 0.28."""
+
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
+    beta: float = Field(0.0, ge=0)
+    """Weight of KL(policy || reference); 0 loads no reference."""
+
+    kl: Literal["k1", "k3"] = "k3"
+    minibatches: int = Field(1, ge=1)
+    """Optimiser steps each rollout is split into (by groups)."""
+
+    epochs: int = Field(1, ge=1)
+    """Passes over each rollout."""
+
+    dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
+    overlong: OverlongConfig = Field(default_factory=OverlongConfig)
+    correction: CorrectionConfig = Field(default_factory=CorrectionConfig)
+
+
+class RewardConfig(Section):
+    fn: str
+    """A built-in (math, addition, gsm8k, format, length) or package.module:function."""
+
+    weight: float = 1.0
+    name: str | None = None
+    """Metric name; default: the built-in name or the function's."""
+
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.fn.rpartition(":")[2]
+
+
+class RewardWorkersConfig(Section):
+    processes: int = Field(1, ge=0)
+    """Worker processes; 0 scores in the controller without a timeout (trusted, quick functions)."""
+
+    timeout_s: float = Field(60.0, gt=0)
+    on_error: Literal["zero", "raise"] = "zero"
+    """zero: a sample whose reward raises or times out gets 0 (counted in reward/errors)."""
+
+
+class GRPOConfig(RecipeConfig):
+    """On-policy RL over prompt rows with verifiable rewards."""
+
+    RESUME_MUTABLE: ClassVar[tuple[str, ...]] = RecipeConfig.RESUME_MUTABLE + ("reward_workers",)
+
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    grpo: GRPOSection = Field(default_factory=GRPOSection)
+    rewards: list[RewardConfig] = Field(min_length=1)
+    reward_workers: RewardWorkersConfig = Field(default_factory=RewardWorkersConfig)
+    reference_model: FrozenModelConfig = Field(default_factory=FrozenModelConfig)
+
+    @model_validator(mode="after")
+    def _check_rl(self) -> GRPOConfig:
+        if self.data.task != "prompt":
+            raise FieldError("data.task", f"{self.data.task!r}: RL reads prompt rows with a reference "
+                             "answer; set data.task: prompt")
+        if self.train.steps is None:
+            raise FieldError("train.steps", "RL runs a fixed number of optimiser steps; set train.steps")
+        if self.rollout.max_new_tokens >= self.data.max_length:
+            raise FieldError("rollout.max_new_tokens", f"{self.rollout.max_new_tokens} leaves no room for "
+                             f"the prompt in a row of data.max_length={self.data.max_length}")
+        labels = [r.label for r in self.rewards]
+        if len(set(labels)) != len(labels):
+            raise FieldError("rewards", f"reward names repeat ({labels}); give each a distinct name")
+        if self.grpo.overlong.mode == "penalty" and self.grpo.overlong.buffer == 0:
+            raise FieldError("grpo.overlong.buffer", "the penalty mode needs a buffer of tokens > 0")
+        return self

@@ -1,0 +1,86 @@
+"""On-policy RL: `posttrain grpo CONFIG [key=value ...]`.
+
+    prompts -> engine (n samples each) -> reward workers -> advantages -> trainer update -> sync
+    (RolloutController, the recipe's loader)                 (the shared trainer loop)
+
+The controller (`rl/controller.py`) makes each step's micro-batches; the objective
+(`rl/objective.py`) is the clipped policy loss with the precision metrics; the trainer runs the
+update, checkpoints (the controller's state included), evaluation and export like every recipe.
+The held-out evaluation is scored generation (`eval.scorer`), the same code SFT uses.
+"""
+
+from __future__ import annotations
+
+from posttrain.cluster.dist_env import DistEnv
+from posttrain.config.grpo import GRPOConfig
+from posttrain.models.hf import load_hf
+from posttrain.models.sampling import SamplingParams
+from posttrain.recipes.common import generation_evaluators
+from posttrain.rl.controller import RolloutController, RolloutPlan
+from posttrain.rl.objective import PolicyGradientObjective
+from posttrain.rl.policy_loss import PolicyLossSettings
+from posttrain.rl.prompts import PromptStream
+from posttrain.rl.rewards.workers import RewardTerm, RewardWorkers
+from posttrain.rollout.native import NativeEngine
+from posttrain.train.objective import Objective
+from posttrain.train.reference import LiveReference
+from posttrain.train.roles import DTYPES, build_reference
+from posttrain.train.trainer import Evaluator, TrainContext, TrainResult, train
+
+
+def loss_settings(cfg: GRPOConfig) -> PolicyLossSettings:
+    g = cfg.grpo
+    return PolicyLossSettings(loss=g.loss, clip_low=g.clip_low, clip_high=g.clip_high, aggregation=g.aggregation,
+                              beta=g.beta, kl=g.kl, correction=g.correction.mode,
+                              correction_level=g.correction.level, correction_cap=g.correction.cap)
+
+
+def rollout_plan(cfg: GRPOConfig) -> RolloutPlan:
+    r, g = cfg.rollout, cfg.grpo
+    sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              max_new_tokens=r.max_new_tokens)
+    return RolloutPlan(
+        prompts_per_step=r.prompts_per_step, n=r.n, sampling=sampling,
+        seed=r.seed if r.seed is not None else cfg.train.seed, advantage=g.advantage,
+        minibatches=g.minibatches, epochs=g.epochs, dynamic_sampling=g.dynamic_sampling.enabled,
+        max_rounds=g.dynamic_sampling.max_rounds, overlong=g.overlong.mode, overlong_buffer=g.overlong.buffer,
+        overlong_penalty=g.overlong.penalty, row_length=cfg.data.max_length,
+        rows_per_batch=cfg.train.micro_batch_size, precision=cfg.train.precision,
+        chunk_size=cfg.train.chunk_size, vocab_chunk_size=cfg.train.vocab_chunk_size)
+
+
+class GRPORecipe:
+    def __init__(self, cfg: GRPOConfig):
+        self.cfg = cfg
+
+    def objective(self, ctx: TrainContext) -> Objective:
+        cfg = self.cfg
+        chunks = {"chunk_size": cfg.train.chunk_size, "vocab_chunk_size": cfg.train.vocab_chunk_size}
+        reference = None
+        if cfg.grpo.beta > 0:
+            role = build_reference(cfg.reference_model, ctx.model, lora=cfg.lora.enabled, policy_dir=ctx.model_dir,
+                                   device=ctx.env.device, mesh=ctx.mesh, parallel_cfg=cfg.parallel)
+            reference = LiveReference(role, temperature=cfg.rollout.temperature, **chunks)
+        return PolicyGradientObjective(loss_settings(cfg), temperature=cfg.rollout.temperature,
+                                       reference=reference, **chunks)
+
+    def loader(self, ctx: TrainContext, *, counting: bool = False) -> RolloutController:
+        cfg = self.cfg
+        dtype = cfg.model.dtype if cfg.rollout.dtype == "auto" else cfg.rollout.dtype
+        engine = NativeEngine(load_hf(ctx.model_dir, device=ctx.env.device, dtype=DTYPES[dtype]), ctx.tokenizer)
+        prompts = PromptStream(cfg.data, ctx.tokenizer, seed=cfg.train.seed,
+                               max_prompt_tokens=cfg.data.max_length - cfg.rollout.max_new_tokens)
+        terms = [RewardTerm(r.label, r.fn, r.weight, dict(r.kwargs)) for r in cfg.rewards]
+        workers = cfg.reward_workers
+        rewards = RewardWorkers(terms, processes=workers.processes, timeout_s=workers.timeout_s,
+                                on_error=workers.on_error)
+        return RolloutController(rollout_plan(cfg), prompts=prompts, engine=engine, rewards=rewards,
+                                 policy=ctx.model, dp=ctx.dp, device=ctx.env.device, pad_id=engine.pad_id)
+
+    def evaluators(self, ctx: TrainContext, objective: Objective) -> list[Evaluator]:
+        return generation_evaluators(self.cfg, ctx)
+
+
+def run_grpo(cfg: GRPOConfig, env: DistEnv | None = None, attempt: int = 0) -> TrainResult:
+    """Train as configured on this rank; resumes from the newest checkpoint when asked."""
+    return train(GRPORecipe(cfg), env, attempt)

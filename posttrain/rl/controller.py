@@ -1,0 +1,287 @@
+"""The RL controller: rollout -> rewards -> advantages -> training samples, one step at a time.
+
+It is the recipe's loader (`Loader` plus `next_step`): the trainer asks it for each optimiser
+step's micro-batches and runs the update itself. When no step of the current rollout is left it
+makes a new one:
+
+    sync      the trainer's weights (HF-named, LoRA merged, gathered from shards) -> engine,
+              versioned by the optimiser steps taken; every rollout carries that version
+    generate  n samples of each of this rank's prompts (the engine wakes, then sleeps again)
+    reward    reward workers score every sample; overlong penalty; group advantages
+    filter    dynamic sampling drops groups with equal rewards and draws more (up to a limit);
+              overlong filtering leaves truncated samples out
+    old       with more than one update per rollout, a no-grad pass of the trainer stores each
+              token's log-prob before the first update (`old_logprobs`)
+
+The rollout is split by groups into `minibatches` steps, repeated `epochs` times. What remains of
+a rollout is part of `state_dict()`, so a resumed run continues with the same samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from posttrain.data.batch import PackedBatch, Sample
+from posttrain.models.sampling import SamplingParams
+from posttrain.parallel.export import iter_hf_tensors_for_sync
+from posttrain.parallel.mesh import DataParallel
+from posttrain.rl.advantages import constant_groups, group_advantages
+from posttrain.rl.prompts import Prompt, PromptStream
+from posttrain.rl.rewards.workers import RewardBatch, RewardWorkers
+from posttrain.rl.rollout_metrics import RolloutStats
+from posttrain.rl.samples import ROLLOUT_FIELDS, micro_batches, pack, rollout_sample, with_field
+from posttrain.rollout.engine import GenerationEngine, RolloutBatch
+from posttrain.train.reference import token_logprobs
+from posttrain.train.step import autocast_context
+
+logger = logging.getLogger("posttrain.rl")
+
+MAX_EMPTY_ROLLOUTS = 8
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    prompts_per_step: int
+    n: int
+    sampling: SamplingParams
+    seed: int
+    advantage: str
+    minibatches: int = 1
+    epochs: int = 1
+    dynamic_sampling: bool = False
+    max_rounds: int = 1
+    overlong: str = "none"  # none | filter | penalty
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+    row_length: int = 512
+    rows_per_batch: int = 1
+    precision: str = "fp32"
+    chunk_size: int = 1024
+    vocab_chunk_size: int = 1024
+
+    @property
+    def needs_old_logprobs(self) -> bool:
+        return self.minibatches * self.epochs > 1
+
+
+class RolloutController:
+    def __init__(self, plan: RolloutPlan, *, prompts: PromptStream, engine: GenerationEngine,
+                 rewards: RewardWorkers, policy: nn.Module, dp: DataParallel, device: torch.device, pad_id: int):
+        if plan.prompts_per_step % dp.size:
+            raise ValueError(f"rollout.prompts_per_step ({plan.prompts_per_step}) must be a multiple of the "
+                             f"data-parallel ranks ({dp.size})")
+        self.plan, self.prompts, self.engine, self.rewards = plan, prompts, engine, rewards
+        self.policy, self.dp, self.device, self.pad_id = policy, dp, device, pad_id
+        self.version = 0  # optimiser steps taken: the policy version the next rollout is made with
+        self.rollouts = 0
+        self._pending: list[list[Sample]] = []  # the current rollout's steps still to run
+        self._synced: int | None = None  # the version the engine holds (None: unknown)
+        self._stats: dict[str, float] = {}
+        self._rollout_version = 0  # the policy version of the rollout being trained on
+        self.fields = ROLLOUT_FIELDS + (("old_logprobs",) if plan.needs_old_logprobs else ())
+
+    # ---- the Loader surface ---------------------------------------------------------------------
+
+    @property
+    def counters(self):
+        return self.prompts.counters
+
+    @property
+    def epoch(self) -> int:
+        return self.prompts.epoch
+
+    def __iter__(self):
+        raise TypeError("the RL controller hands out whole steps (next_step), not a stream of batches")
+
+    def next_step(self) -> list[PackedBatch]:
+        """The micro-batches of the next optimiser step ([] once the prompts have run out)."""
+        empty = 0
+        while not self._pending:
+            if not self._rollout():
+                return []
+            empty += not self._pending
+            if empty == MAX_EMPTY_ROLLOUTS:
+                raise RuntimeError(f"{empty} rollouts in a row left no sample to train on (every completion "
+                                   "cut by rollout.max_new_tokens under grpo.overlong.mode: filter?)")
+        samples = self._pending.pop(0)
+        rows = pack(samples, self.plan.row_length, seed=self.version)
+        self._stats["rollout/policy_lag"] = float(self.version - self._rollout_version)
+        self.version += 1
+        return micro_batches(rows, rows_per_batch=self.plan.rows_per_batch, row_length=self.plan.row_length,
+                             pad_id=self.pad_id, field_names=self.fields, group=self.dp.group, device=self.device)
+
+    def step_metrics(self) -> dict[str, float]:
+        """The rollout's metrics, reported once, with the first step it feeds."""
+        stats, self._stats = self._stats, {}
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"prompts": self.prompts.snapshot(), "version": self.version, "rollouts": self.rollouts,
+                "rollout_version": self._rollout_version,
+                "pending": [[s.to_dict() for s in step] for step in self._pending]}
+
+    position = state_dict
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.prompts.restore(state["prompts"])
+        self.version, self.rollouts = int(state["version"]), int(state["rollouts"])
+        self._rollout_version = int(state["rollout_version"])
+        self._pending = [[Sample.from_dict(s) for s in step] for step in state["pending"]]
+        self._synced = None
+
+    def close(self) -> None:
+        self.rewards.close()
+
+    # ---- one rollout -------------------------------------------------------------------------------
+
+    def _rollout(self) -> bool:
+        """Make the next rollout's steps (none when it left no sample); False once prompts ran out."""
+        plan, stats = self.plan, RolloutStats()
+        started = time.perf_counter()
+        self._sync(stats)
+        groups = self._generate_groups(stats)
+        if groups is None:
+            return False
+        steps = split(groups, plan.minibatches) * plan.epochs
+        if not _any_rank(bool(groups), self.dp.group, self.device):
+            steps = []
+        if plan.needs_old_logprobs:
+            t0 = time.perf_counter()
+            steps = [self._with_old_logprobs(step, i) for i, step in enumerate(steps)]
+            stats.seconds["old_logprobs"] = time.perf_counter() - t0
+        self._pending = steps
+        self.rollouts += 1
+        stats.seconds["rollout"] = time.perf_counter() - started
+        self._stats = stats.reduce(self.dp.group, self.device)
+        self._rollout_version = self.version
+        return True
+
+    def _sync(self, stats: RolloutStats) -> None:
+        t0 = time.perf_counter()
+        self.engine.wake()
+        if self._synced != self.version:
+            self.engine.update_weights(iter_hf_tensors_for_sync(self.policy), version=self.version)
+            self._synced = self.version
+        stats.seconds["sync"] = time.perf_counter() - t0
+
+    def _generate_groups(self, stats: RolloutStats) -> list[list[Sample]] | None:
+        """Rounds of generation until this rank holds its share of groups with signal (or the
+        round limit); None when the prompts ran out before any group was made."""
+        plan = self.plan
+        share = plan.prompts_per_step // self.dp.size
+        groups: list[list[Sample]] = []
+        dropped: list[list[Sample]] = []
+        rounds = plan.max_rounds if plan.dynamic_sampling else 1
+        for _ in range(rounds):
+            drawn = self.prompts.next(plan.prompts_per_step)  # every rank draws the global batch
+            if not drawn:
+                break
+            mine = drawn[self.dp.rank :: self.dp.size][: share - len(groups)]
+            kept, dropped = self._groups_of(mine, stats)
+            groups += kept
+            if not _any_rank(len(groups) < share, self.dp.group, self.device):
+                break
+        self.engine.sleep(1)
+        if not _any_rank(bool(groups), self.dp.group, self.device):
+            if stats.groups == 0:
+                return None  # the prompts ran out
+            # Every group of every round had equal rewards: train on the last round's (advantage 0,
+            # no gradient from the policy term) rather than loop for ever.
+            return [g for g in dropped if g][:share]
+        return groups
+
+    def _groups_of(self, prompts: list[Prompt], stats: RolloutStats) -> tuple[list[list[Sample]], list[list[Sample]]]:
+        """(groups kept, groups dropped by dynamic sampling) of one generation round."""
+        plan = self.plan
+        t0 = time.perf_counter()
+        batch = self.engine.generate([p.ids for p in prompts], plan.sampling, n=plan.n, seed=plan.seed,
+                                     prompt_index=[p.index for p in prompts]) if prompts else None
+        stats.seconds["generate"] = stats.seconds.get("generate", 0.0) + time.perf_counter() - t0
+        if batch is None:
+            return [], []
+        scores = self.rewards.score(reward_batch(prompts, batch, plan.n, plan.sampling.max_new_tokens))
+        rewards = scores.total + overlong_penalty(batch, plan)
+        stats.add_rollout(batch, scores, rewards, self.version)
+        grouped = rewards.view(len(prompts), plan.n)
+        advantages = group_advantages(plan.advantage, grouped)
+        constant = constant_groups(grouped)
+        groups, dropped = [], []
+        for g, prompt in enumerate(prompts):
+            group: list[Sample] = []
+            for s in range(g * plan.n, (g + 1) * plan.n):
+                if plan.overlong == "filter" and batch.finish_reasons[s] == "length":
+                    stats.filtered_samples += 1
+                    continue
+                length = int(batch.lengths[s])
+                group.append(rollout_sample(prompt.ids, batch.tokens[s, :length].tolist(),
+                                            batch.logprobs[s, :length].tolist(), float(advantages[g, s % plan.n]),
+                                            group=prompt.index))
+            if plan.dynamic_sampling and bool(constant[g]):
+                stats.dropped_groups += 1
+                dropped.append(group)
+            elif group:
+                groups.append(group)
+        return groups, dropped
+
+    @torch.no_grad()
+    def _with_old_logprobs(self, samples: list[Sample], index: int) -> list[Sample]:
+        """The step's samples with the trainer's log-probs before any update of this rollout."""
+        plan = self.plan
+        rows = pack(samples, plan.row_length, seed=self.version + index)
+        batches = micro_batches(rows, rows_per_batch=plan.rows_per_batch, row_length=plan.row_length,
+                                pad_id=self.pad_id, field_names=ROLLOUT_FIELDS, group=self.dp.group,
+                                device=self.device)
+        out: list[Sample] = []
+        was_training = self.policy.training
+        self.policy.eval()
+        for i, batch in enumerate(batches):
+            chunk = rows[i * plan.rows_per_batch : (i + 1) * plan.rows_per_batch]
+            with autocast_context(plan.precision, self.device.type):
+                values = token_logprobs(self.policy, batch.to(self.device), chunk_size=plan.chunk_size,
+                                        vocab_chunk_size=plan.vocab_chunk_size,
+                                        temperature=plan.sampling.temperature)
+            out += [s for row in with_field(chunk, values.cpu(), "old_logprobs") for s in row]
+        self.policy.train(was_training)
+        return out
+
+
+def split(groups: list[list[Sample]], parts: int) -> list[list[Sample]]:
+    """`parts` steps of whole groups, as even in group count as possible, in order."""
+    bounds = [round(i * len(groups) / parts) for i in range(parts + 1)]
+    return [[s for g in groups[a:b] for s in g] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def reward_batch(prompts: list[Prompt], batch: RolloutBatch, n: int, max_new_tokens: int) -> RewardBatch:
+    count = len(batch)
+    return RewardBatch(
+        prompts=[prompts[i // n].text for i in range(count)],
+        completions=list(batch.texts),
+        references=[prompts[i // n].reference for i in range(count)],
+        metadata=[{"num_tokens": int(batch.lengths[i]), "finish_reason": batch.finish_reasons[i],
+                   "max_new_tokens": max_new_tokens} for i in range(count)],
+    )
+
+
+def overlong_penalty(batch: RolloutBatch, plan: RolloutPlan) -> torch.Tensor:
+    """DAPO's soft overlong punishment: 0 up to `max_new_tokens - buffer` tokens, then falling
+    linearly to `-penalty` at `max_new_tokens` (penalty mode only)."""
+    if plan.overlong != "penalty":
+        return torch.zeros(len(batch), dtype=torch.float64)
+    start = plan.sampling.max_new_tokens - plan.overlong_buffer
+    over = (batch.lengths.double() - start).clamp(min=0)
+    return -plan.overlong_penalty * (over / plan.overlong_buffer).clamp(max=1.0)
+
+
+def _any_rank(flag: bool, group: dist.ProcessGroup | None, device: torch.device) -> bool:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        value = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+        return bool(value)
+    return flag

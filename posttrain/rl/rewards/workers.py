@@ -1,0 +1,201 @@
+"""Reward scoring off the controller: worker processes, per-call timeouts, errors counted.
+
+`RewardWorkers.score(batch)` calls every configured reward function on the whole batch, weights
+and sums them. A call is split over `processes` spawned worker processes, each behind its own
+pipe (`processes: 0` runs it in the controller, without a timeout: only for trusted, quick
+functions). When a batched call raises,
+hangs past `timeout_s`, dies or returns something malformed, it is retried sample by sample, so
+only the samples that fail get reward 0 and count in `reward/errors`; a hung or dead worker is
+killed and replaced by a fresh process. With `on_error: raise` the first failure ends the run instead, naming the function.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from posttrain.rl.rewards.functions import normalise_result, resolve_reward
+
+logger = logging.getLogger("posttrain.rl")
+
+
+class RewardError(RuntimeError):
+    """A reward function failed and the config says `on_error: raise`."""
+
+
+@dataclass(frozen=True)
+class RewardTerm:
+    name: str
+    fn: str
+    weight: float = 1.0
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class RewardBatch:
+    prompts: list[str]
+    completions: list[str]
+    references: list[Any]
+    metadata: list[dict]
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    def take(self, i: int) -> RewardBatch:
+        return _subset(self, [i])
+
+
+def _subset(batch: RewardBatch, idx: list[int]) -> RewardBatch:
+    return RewardBatch([batch.prompts[i] for i in idx], [batch.completions[i] for i in idx],
+                       [batch.references[i] for i in idx], [batch.metadata[i] for i in idx])
+
+
+@dataclass
+class RewardScores:
+    total: torch.Tensor  # [N] float64: the weighted sum of the terms
+    values: dict[str, torch.Tensor]  # "<term>" and "<term>/<key>" -> [N]
+    errors: int  # samples x terms that failed and were scored 0
+    seconds: float
+
+
+START_TIMEOUT_S = 300
+
+
+def call_reward(fn: str, kwargs: dict, batch: RewardBatch) -> list[dict[str, float]]:
+    """Resolve and call one reward function on `batch` (in a worker process, or in-process)."""
+    result = resolve_reward(fn)(batch.prompts, batch.completions, batch.references, batch.metadata, **kwargs)
+    return normalise_result(fn, result, len(batch))
+
+
+def _serve(conn) -> None:
+    """A worker process: answer `(fn, kwargs, batch)` requests until the pipe closes."""
+    conn.send(("ready", None))
+    while True:
+        try:
+            fn, kwargs, batch = conn.recv()
+        except EOFError:
+            return
+        try:
+            conn.send(("ok", call_reward(fn, kwargs, batch)))
+        except Exception as err:  # noqa: BLE001 - user code: report, never die
+            conn.send(("error", f"{type(err).__name__}: {err}"))
+
+
+class _Worker:
+    """One spawned process behind a private pipe (no locks shared with other workers, so a killed
+    or hung worker cannot wedge the rest); killed and replaced when a call times out or it dies."""
+
+    def __init__(self):
+        self.process, self.conn = None, None
+
+    def start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child,), daemon=True, name="posttrain-reward")
+        self.process.start()
+        child.close()
+        if not self.conn.poll(START_TIMEOUT_S):
+            self.stop()
+            raise RuntimeError(f"a reward worker did not start within {START_TIMEOUT_S} s")
+        self.conn.recv()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.join()
+            self.conn.close()
+        self.process, self.conn = None, None
+
+    def send(self, request: tuple) -> None:
+        if self.process is None or not self.process.is_alive():
+            self.stop()
+            self.start()
+        self.conn.send(request)
+
+    def receive(self, deadline: float, what: str) -> list[dict[str, float]]:
+        try:
+            ready = self.conn.poll(max(0.0, deadline - time.monotonic()))
+            answer = self.conn.recv() if ready else None
+        except (EOFError, OSError):
+            self.stop()
+            raise RuntimeError(f"the worker running {what} died") from None
+        if answer is None:
+            self.stop()  # the hung call dies with its process; the next call starts a fresh one
+            raise TimeoutError(f"{what} did not return in time")
+        status, value = answer
+        if status == "error":
+            raise RuntimeError(value)
+        return value
+
+
+class RewardWorkers:
+    def __init__(self, terms: list[RewardTerm], *, processes: int = 1, timeout_s: float = 60.0,
+                 on_error: str = "zero"):
+        for term in terms:
+            resolve_reward(term.fn)  # a bad name fails before the first rollout
+        self.terms, self.processes, self.timeout_s, self.on_error = terms, processes, timeout_s, on_error
+        self._workers = [_Worker() for _ in range(processes)]
+
+    def close(self) -> None:
+        for worker in self._workers:
+            worker.stop()
+
+    def _call(self, term: RewardTerm, batch: RewardBatch) -> list[dict[str, float]]:
+        """The term on `batch`, split over the workers (in-process without workers)."""
+        if not self._workers:
+            return call_reward(term.fn, term.kwargs, batch)
+        size = -(-len(batch) // len(self._workers))
+        parts = [(w, list(range(i * size, min(len(batch), (i + 1) * size)))) for i, w in enumerate(self._workers)]
+        parts = [(w, idx) for w, idx in parts if idx]
+        for worker, idx in parts:
+            worker.send((term.fn, term.kwargs, _subset(batch, idx)))
+        deadline = time.monotonic() + self.timeout_s
+        rows, failure = [], None
+        for worker, _ in parts:  # collect every part (a failed one is restarted) before raising
+            try:
+                rows += worker.receive(deadline, f"reward {term.fn!r} (timeout {self.timeout_s:g} s)")
+            except (RuntimeError, TimeoutError) as err:
+                failure = failure or err
+        if failure is not None:
+            raise failure
+        return rows
+
+    def _term_rows(self, term: RewardTerm, batch: RewardBatch) -> tuple[list[dict[str, float]], int]:
+        try:
+            return self._call(term, batch), 0
+        except Exception as err:  # noqa: BLE001 - any failure of user code is scored, not fatal
+            if self.on_error == "raise":
+                raise RewardError(f"reward {term.name!r} ({term.fn}) failed: {err}") from err
+            first = err
+        rows, errors = [], 0
+        for i in range(len(batch)):
+            try:
+                rows.append(self._call(term, batch.take(i))[0])
+            except Exception as err:  # noqa: BLE001
+                logger.warning("reward %s failed on a sample (scored 0): %s", term.name, err)
+                rows.append({"reward": 0.0})
+                errors += 1
+        if errors == 0:
+            logger.warning("reward %s failed on the batch (%s) but on no single sample", term.name, first)
+        return rows, errors
+
+    def score(self, batch: RewardBatch) -> RewardScores:
+        started = time.perf_counter()
+        total = torch.zeros(len(batch), dtype=torch.float64)
+        values: dict[str, torch.Tensor] = {}
+        errors = 0
+        for term in self.terms:
+            rows, failed = self._term_rows(term, batch) if len(batch) else ([], 0)
+            errors += failed
+            reward = torch.tensor([r["reward"] for r in rows], dtype=torch.float64)
+            total += term.weight * reward
+            values[term.name] = reward
+            keys = sorted({k for r in rows for k in r if k != "reward"})
+            for key in keys:
+                values[f"{term.name}/{key}"] = torch.tensor([r.get(key, 0.0) for r in rows], dtype=torch.float64)
+        return RewardScores(total, values, errors, time.perf_counter() - started)

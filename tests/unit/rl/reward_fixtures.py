@@ -1,0 +1,31 @@
+"""Reward functions for the worker tests, importable by spawned worker processes."""
+
+from __future__ import annotations
+
+import time
+
+
+def fails_on_seven(prompts, completions, references, metadata):
+    """1.0 per sample, but raises when any completion contains a 7."""
+    if any("7" in c for c in completions):
+        raise RuntimeError("cannot score a seven")
+    return [1.0 for _ in completions]
+
+
+def hangs_on_seven(prompts, completions, references, metadata):
+    if any("7" in c for c in completions):
+        time.sleep(60)
+    return [{"reward": 1.0, "seen": float(len(c))} for c in completions]
+
+
+def wrong_length(prompts, completions, references, metadata):
+    return [1.0]
+
+
+def not_finite(prompts, completions, references, metadata):
+    return [float("nan") for _ in completions]
+
+
+def parity(prompts, completions, references, metadata):
+    """Constant 1.0 for prompts mentioning 'same', else the completion length's parity."""
+    return [1.0 if "same" in p else float(len(c) % 2) for p, c in zip(prompts, completions)]
