@@ -73,7 +73,10 @@ class CorrectionConfig(Section):
 
 
 class GRPOSection(Section):
-    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    advantage: Literal["grpo", "dr_grpo", "rloo", "teacher_reverse_kl"] = "grpo"
+    """teacher_reverse_kl: on-policy distillation, each sampled token's advantage is
+    log p_teacher - log p_student (a dense reward); needs `teacher:`."""
+
     loss: Literal["ppo", "gspo"] = "ppo"
     """ppo: per-token clipped ratio; gspo: the sequence's geometric-mean ratio, clipped."""
 
@@ -128,9 +131,13 @@ class GRPOConfig(RecipeConfig):
 
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     grpo: GRPOSection = Field(default_factory=GRPOSection)
-    rewards: list[RewardConfig] = Field(min_length=1)
+    rewards: list[RewardConfig] = Field(default_factory=list)
+    """The reward; with `advantage: teacher_reverse_kl` optional (logged only)."""
+
     reward_workers: RewardWorkersConfig = Field(default_factory=RewardWorkersConfig)
     reference_model: FrozenModelConfig = Field(default_factory=FrozenModelConfig)
+    teacher: FrozenModelConfig | None = None
+    """The frozen teacher of on-policy distillation (same tokenizer as the policy)."""
 
     @model_validator(mode="after")
     def _check_rl(self) -> GRPOConfig:
@@ -142,6 +149,13 @@ class GRPOConfig(RecipeConfig):
         if self.rollout.max_new_tokens >= self.data.max_length:
             raise FieldError("rollout.max_new_tokens", f"{self.rollout.max_new_tokens} leaves no room for "
                              f"the prompt in a row of data.max_length={self.data.max_length}")
+        distill = self.grpo.advantage == "teacher_reverse_kl"
+        if distill and (self.teacher is None or self.teacher.path is None):
+            raise FieldError("teacher.path", "advantage teacher_reverse_kl distils from a teacher; set teacher.path")
+        if not distill and self.teacher is not None:
+            raise FieldError("teacher", f"a teacher is only read by advantage teacher_reverse_kl, not {self.grpo.advantage}")
+        if not distill and not self.rewards:
+            raise FieldError("rewards", "at least one reward function is needed (e.g. - fn: math)")
         labels = [r.label for r in self.rewards]
         if len(set(labels)) != len(labels):
             raise FieldError("rewards", f"reward names repeat ({labels}); give each a distinct name")

@@ -15,7 +15,11 @@ from posttrain.cluster.dist_env import DistEnv
 from posttrain.config.grpo import GRPOConfig
 from posttrain.models.hf import load_hf
 from posttrain.models.sampling import SamplingParams
+from posttrain.data.chat import ChatRenderer
+from posttrain.data.rows import PromptExample
+from posttrain.evaluation.generation import held_out_prompts
 from posttrain.recipes.common import generation_evaluators
+from posttrain.rl.distill_eval import TeacherKLEvaluator
 from posttrain.rl.controller import RolloutController, RolloutPlan
 from posttrain.rl.objective import PolicyGradientObjective
 from posttrain.rl.policy_loss import PolicyLossSettings
@@ -24,7 +28,15 @@ from posttrain.rl.rewards.workers import RewardTerm, RewardWorkers
 from posttrain.rollout.native import NativeEngine
 from posttrain.train.objective import Objective
 from posttrain.train.reference import LiveReference
-from posttrain.train.roles import DTYPES, build_reference
+from posttrain.train.roles import (
+    DTYPES,
+    FrozenModel,
+    build_frozen,
+    build_reference,
+    check_shared_tokenizer,
+    load_tokenizer,
+    resolve_model_dir,
+)
 from posttrain.train.trainer import Evaluator, TrainContext, TrainResult, train
 
 
@@ -66,6 +78,7 @@ class GRPORecipe:
 
     def loader(self, ctx: TrainContext, *, counting: bool = False) -> RolloutController:
         cfg = self.cfg
+        teacher = self._teacher(ctx) if cfg.teacher is not None else None
         dtype = cfg.model.dtype if cfg.rollout.dtype == "auto" else cfg.rollout.dtype
         engine = NativeEngine(load_hf(ctx.model_dir, device=ctx.env.device, dtype=DTYPES[dtype]), ctx.tokenizer)
         prompts = PromptStream(cfg.data, ctx.tokenizer, seed=cfg.train.seed,
@@ -74,11 +87,30 @@ class GRPORecipe:
         workers = cfg.reward_workers
         rewards = RewardWorkers(terms, processes=workers.processes, timeout_s=workers.timeout_s,
                                 on_error=workers.on_error)
-        return RolloutController(rollout_plan(cfg), prompts=prompts, engine=engine, rewards=rewards,
-                                 policy=ctx.model, dp=ctx.dp, device=ctx.env.device, pad_id=engine.pad_id)
+        self._controller = RolloutController(
+            rollout_plan(cfg), prompts=prompts, engine=engine, rewards=rewards, policy=ctx.model, dp=ctx.dp,
+            device=ctx.env.device, pad_id=engine.pad_id, teacher=teacher)
+        return self._controller
+
+    def _teacher(self, ctx: TrainContext) -> FrozenModel:
+        """The distillation teacher: its tokenizer checked against the policy's before its weights load."""
+        role = self.cfg.teacher
+        teacher_dir = resolve_model_dir(role.path)
+        check_shared_tokenizer(ctx.tokenizer, load_tokenizer(teacher_dir, role.trust_remote_code),
+                               student_name=str(ctx.model_dir), teacher_name=str(teacher_dir))
+        return build_frozen(role, model_dir=teacher_dir, device=ctx.env.device, mesh=ctx.mesh,
+                            parallel_cfg=self.cfg.parallel)
 
     def evaluators(self, ctx: TrainContext, objective: Objective) -> list[Evaluator]:
-        return generation_evaluators(self.cfg, ctx)
+        cfg, evaluators = self.cfg, generation_evaluators(self.cfg, ctx)
+        controller = self._controller
+        if controller.teacher is not None and cfg.eval.enabled:
+            renderer = ChatRenderer(ctx.tokenizer, special_tokens=cfg.data.special_tokens)
+            prompts = [renderer.render_prompt(PromptExample(p.messages)).input_ids
+                       for p in held_out_prompts(cfg.eval.sources, cfg.eval.max_samples)]
+            evaluators.append(TeacherKLEvaluator(prompts, ctx.tokenizer, controller.teacher, controller.plan.sampling,
+                                                 controller.score_tokens, seed=controller.plan.seed))
+        return evaluators
 
 
 def run_grpo(cfg: GRPOConfig, env: DistEnv | None = None, attempt: int = 0) -> TrainResult:

@@ -10,6 +10,8 @@ makes a new one:
     reward    reward workers score every sample; overlong penalty; group advantages
     filter    dynamic sampling drops groups with equal rewards and draws more (up to a limit);
               overlong filtering leaves truncated samples out
+    teacher   on-policy distillation (`teacher_reverse_kl`): a frozen teacher scores every sampled
+              token; its advantage is log p_teacher - log p_engine
     old       with more than one update per rollout, a no-grad pass of the trainer stores each
               token's log-prob before the first update (`old_logprobs`)
 
@@ -28,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from posttrain.data.batch import PackedBatch, Sample
+from posttrain.data.batch import IGNORE_INDEX, PackedBatch, Sample
 from posttrain.models.sampling import SamplingParams
 from posttrain.parallel.export import iter_hf_tensors_for_sync
 from posttrain.parallel.mesh import DataParallel
@@ -39,6 +41,7 @@ from posttrain.rl.rollout_metrics import RolloutStats
 from posttrain.rl.samples import ROLLOUT_FIELDS, micro_batches, pack, rollout_sample, with_field
 from posttrain.rollout.engine import GenerationEngine, RolloutBatch
 from posttrain.train.reference import token_logprobs
+from posttrain.train.roles import FrozenModel
 from posttrain.train.step import autocast_context
 
 logger = logging.getLogger("posttrain.rl")
@@ -73,12 +76,16 @@ class RolloutPlan:
 
 class RolloutController:
     def __init__(self, plan: RolloutPlan, *, prompts: PromptStream, engine: GenerationEngine,
-                 rewards: RewardWorkers, policy: nn.Module, dp: DataParallel, device: torch.device, pad_id: int):
+                 rewards: RewardWorkers, policy: nn.Module, dp: DataParallel, device: torch.device, pad_id: int,
+                 teacher: FrozenModel | None = None):
         if plan.prompts_per_step % dp.size:
             raise ValueError(f"rollout.prompts_per_step ({plan.prompts_per_step}) must be a multiple of the "
                              f"data-parallel ranks ({dp.size})")
         self.plan, self.prompts, self.engine, self.rewards = plan, prompts, engine, rewards
         self.policy, self.dp, self.device, self.pad_id = policy, dp, device, pad_id
+        if (plan.advantage == "teacher_reverse_kl") != (teacher is not None):
+            raise ValueError("advantage teacher_reverse_kl goes with a teacher, and a teacher with it")
+        self.teacher = teacher
         self.version = 0  # optimiser steps taken: the policy version the next rollout is made with
         self.rollouts = 0
         self._pending: list[list[Sample]] = []  # the current rollout's steps still to run
@@ -149,6 +156,10 @@ class RolloutController:
         groups = self._generate_groups(stats)
         if groups is None:
             return False
+        if self.teacher is not None:
+            t0 = time.perf_counter()
+            groups = self._teacher_advantages(groups, stats)
+            stats.seconds["teacher"] = time.perf_counter() - t0
         steps = split(groups, plan.minibatches) * plan.epochs
         if not _any_rank(bool(groups), self.dp.group, self.device):
             steps = []
@@ -210,7 +221,8 @@ class RolloutController:
         rewards = scores.total + overlong_penalty(batch, plan)
         stats.add_rollout(batch, scores, rewards, self.version)
         grouped = rewards.view(len(prompts), plan.n)
-        advantages = group_advantages(plan.advantage, grouped)
+        distill = plan.advantage == "teacher_reverse_kl"  # per-token advantages come from the teacher
+        advantages = torch.zeros_like(grouped) if distill else group_advantages(plan.advantage, grouped)
         constant = constant_groups(grouped)
         groups, dropped = [], []
         for g, prompt in enumerate(prompts):
@@ -223,33 +235,60 @@ class RolloutController:
                 group.append(rollout_sample(prompt.ids, batch.tokens[s, :length].tolist(),
                                             batch.logprobs[s, :length].tolist(), float(advantages[g, s % plan.n]),
                                             group=prompt.index))
-            if plan.dynamic_sampling and bool(constant[g]):
+            if plan.dynamic_sampling and not distill and bool(constant[g]):
                 stats.dropped_groups += 1
                 dropped.append(group)
             elif group:
                 groups.append(group)
         return groups, dropped
 
-    @torch.no_grad()
     def _with_old_logprobs(self, samples: list[Sample], index: int) -> list[Sample]:
         """The step's samples with the trainer's log-probs before any update of this rollout."""
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            return self.score_tokens(samples, self.policy, "old_logprobs", seed=self.version + index)
+        finally:
+            self.policy.train(was_training)
+
+    def _teacher_advantages(self, groups: list[list[Sample]], stats: RolloutStats) -> list[list[Sample]]:
+        """On-policy distillation: each sampled token's advantage is log p_teacher - log p_engine."""
+        flat = [s for g in groups for s in g]
+        with self.teacher.active() as teacher:
+            scored = self.score_tokens(flat, teacher, "teacher_logprobs", seed=self.version)
+        out = iter(distilled(s, stats) for s in scored)
+        return [[next(out) for _ in g] for g in groups]
+
+    @torch.no_grad()
+    def score_tokens(self, samples: list[Sample], model: nn.Module, name: str, seed: int) -> list[Sample]:
+        """`samples` (same order) with `model`'s log-prob of every sampled token as field `name`."""
         plan = self.plan
-        rows = pack(samples, plan.row_length, seed=self.version + index)
+        rows = pack(samples, plan.row_length, seed=seed)
         batches = micro_batches(rows, rows_per_batch=plan.rows_per_batch, row_length=plan.row_length,
                                 pad_id=self.pad_id, field_names=ROLLOUT_FIELDS, group=self.dp.group,
                                 device=self.device)
-        out: list[Sample] = []
-        was_training = self.policy.training
-        self.policy.eval()
+        scored: dict[int, Sample] = {}
         for i, batch in enumerate(batches):
             chunk = rows[i * plan.rows_per_batch : (i + 1) * plan.rows_per_batch]
             with autocast_context(plan.precision, self.device.type):
-                values = token_logprobs(self.policy, batch.to(self.device), chunk_size=plan.chunk_size,
+                values = token_logprobs(model, batch.to(self.device), chunk_size=plan.chunk_size,
                                         vocab_chunk_size=plan.vocab_chunk_size,
                                         temperature=plan.sampling.temperature)
-            out += [s for row in with_field(chunk, values.cpu(), "old_logprobs") for s in row]
-        self.policy.train(was_training)
-        return out
+            for original, new in zip((s for row in chunk for s in row),
+                                     (s for row in with_field(chunk, values.cpu(), name) for s in row)):
+                scored[id(original)] = new
+        return [scored[id(s)] for s in samples]
+
+
+def distilled(sample: Sample, stats: RolloutStats) -> Sample:
+    """`sample` with advantages `teacher - rollout` on its sampled tokens (the teacher field dropped);
+    adds the sample's reverse-KL estimate (sum of rollout - teacher) to `stats`."""
+    fields = dict(sample.fields)
+    teacher, rollout = fields.pop("teacher_logprobs"), fields["rollout_logprobs"]
+    scored = [label != IGNORE_INDEX for label in sample.labels]
+    fields["advantages"] = [t - r if on else 0.0 for t, r, on in zip(teacher, rollout, scored)]
+    stats.add_teacher_gap(sum(r - t for t, r, on in zip(teacher, rollout, scored) if on), sum(scored))
+    return Sample(sample.input_ids, sample.labels, sample.weights, fields, sample.group)
 
 
 def split(groups: list[list[Sample]], parts: int) -> list[list[Sample]]:

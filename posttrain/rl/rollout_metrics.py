@@ -11,7 +11,9 @@ ranks once per rollout (two all-reduces), so every number is global:
     rollout/samples, rollout/groups, rollout/dropped_groups, rollout/filtered_samples
     rollout/tokens_per_s                 generated tokens per second of generation (summed over ranks)
     rollout/policy_version               the weights the rollout was generated with
-    time/<phase>_s                       sync, generate, reward, old_logprobs, rollout (all; max over ranks)
+    teacher/reverse_kl                   on-policy distillation: mean over sampled tokens of
+                                         log p_engine - log p_teacher (a k1 estimate per token)
+    time/<phase>_s                       sync, generate, reward, teacher, old_logprobs, rollout (max over ranks)
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ class RolloutStats:
     def _moments(self, name: str, values: torch.Tensor) -> None:
         self._add(f"{name}:sum", values.sum())
         self._add(f"{name}:sq", (values.double() ** 2).sum())
+
+    def add_teacher_gap(self, total: float, tokens: int) -> None:
+        """A sample's sum of (log p_engine - log p_teacher) over its `tokens` sampled tokens."""
+        self._add("teacher_gap", total)
+        self._add("teacher_tokens", tokens)
 
     def add_rollout(self, batch: RolloutBatch, scores: RewardScores, rewards: torch.Tensor, version: int) -> None:
         self.version = version
@@ -93,6 +100,8 @@ def _means(total: dict[str, float]) -> dict[str, float]:
     }
     if not samples:
         return out
+    if total.get("teacher_tokens"):
+        out["teacher/reverse_kl"] = total["teacher_gap"] / total["teacher_tokens"]
     out["response/length_mean"] = total["tokens"] / samples
     out["response/truncated_share"] = total["truncated"] / samples
     for key in total:

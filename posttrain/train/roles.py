@@ -49,6 +49,25 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool):
     return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
 
 
+def check_shared_tokenizer(student, teacher, *, student_name: str, teacher_name: str) -> None:
+    """A teacher must map every token to the same id as the student (special tokens and the chat
+    template included); raises `ValueError` naming the first token that differs."""
+    mine, theirs = student.get_vocab(), teacher.get_vocab()
+    for token, index in sorted(mine.items(), key=lambda item: item[1]):
+        if theirs.get(token) != index:
+            where = "lacks it" if token not in theirs else f"has it as id {theirs[token]}"
+            raise ValueError(f"tokenizers differ: {student_name} has {token!r} as id {index}, {teacher_name} "
+                             f"{where}; the teacher must share the student's tokenizer")
+    extra = sorted((index, token) for token, index in theirs.items() if token not in mine)
+    if extra:
+        index, token = extra[0]
+        raise ValueError(f"tokenizers differ: {teacher_name} has {token!r} as id {index}, {student_name} lacks it")
+    for attribute in ("bos_token_id", "eos_token_id", "pad_token_id", "chat_template"):
+        if getattr(student, attribute, None) != getattr(teacher, attribute, None):
+            raise ValueError(f"tokenizers differ in {attribute}: {student_name} "
+                             f"{getattr(student, attribute, None)!r}, {teacher_name} {getattr(teacher, attribute, None)!r}")
+
+
 def build_trainable(
     model_cfg: ModelConfig,
     lora_cfg: LoraConfig,
