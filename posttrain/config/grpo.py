@@ -44,6 +44,10 @@ class RolloutConfig(Section):
     seed: int | None = None
     """Sampling seed (per rollout, prompt and sample); null: train.seed."""
 
+    lm_head_fp32: bool = False
+    """Run the LM head's matmul and softmax in fp32 in the engine and in the trainer's log-probs,
+    whatever the weights' dtype or autocast (narrows the engine/trainer mismatch)."""
+
 
 class DynamicSamplingConfig(Section):
     enabled: bool = False

@@ -58,7 +58,7 @@ def rollout_plan(cfg: GRPOConfig) -> RolloutPlan:
         max_rounds=g.dynamic_sampling.max_rounds, overlong=g.overlong.mode, overlong_buffer=g.overlong.buffer,
         overlong_penalty=g.overlong.penalty, row_length=cfg.data.max_length,
         rows_per_batch=cfg.train.micro_batch_size, precision=cfg.train.precision,
-        chunk_size=cfg.train.chunk_size, vocab_chunk_size=cfg.train.vocab_chunk_size)
+        chunk_size=cfg.train.chunk_size, vocab_chunk_size=cfg.train.vocab_chunk_size, lm_head_fp32=r.lm_head_fp32)
 
 
 class GRPORecipe:
@@ -74,13 +74,14 @@ class GRPORecipe:
                                    device=ctx.env.device, mesh=ctx.mesh, parallel_cfg=cfg.parallel)
             reference = LiveReference(role, temperature=cfg.rollout.temperature, **chunks)
         return PolicyGradientObjective(loss_settings(cfg), temperature=cfg.rollout.temperature,
-                                       reference=reference, **chunks)
+                                       reference=reference, lm_head_fp32=cfg.rollout.lm_head_fp32, **chunks)
 
     def loader(self, ctx: TrainContext, *, counting: bool = False) -> RolloutController:
         cfg = self.cfg
         teacher = self._teacher(ctx) if cfg.teacher is not None else None
         dtype = cfg.model.dtype if cfg.rollout.dtype == "auto" else cfg.rollout.dtype
-        engine = NativeEngine(load_hf(ctx.model_dir, device=ctx.env.device, dtype=DTYPES[dtype]), ctx.tokenizer)
+        engine = NativeEngine(load_hf(ctx.model_dir, device=ctx.env.device, dtype=DTYPES[dtype]), ctx.tokenizer,
+                              lm_head_fp32=cfg.rollout.lm_head_fp32)
         prompts = PromptStream(cfg.data, ctx.tokenizer, seed=cfg.train.seed,
                                max_prompt_tokens=cfg.data.max_length - cfg.rollout.max_new_tokens)
         terms = [RewardTerm(r.label, r.fn, r.weight, dict(r.kwargs)) for r in cfg.rewards]

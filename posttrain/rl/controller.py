@@ -68,6 +68,7 @@ class RolloutPlan:
     precision: str = "fp32"
     chunk_size: int = 1024
     vocab_chunk_size: int = 1024
+    lm_head_fp32: bool = False
 
     @property
     def needs_old_logprobs(self) -> bool:
@@ -273,7 +274,8 @@ class RolloutController:
             with autocast_context(plan.precision, self.device.type):
                 values = token_logprobs(model, batch.to(self.device), chunk_size=plan.chunk_size,
                                         vocab_chunk_size=plan.vocab_chunk_size,
-                                        temperature=plan.sampling.temperature)
+                                        temperature=plan.sampling.temperature,
+                                        matmul_dtype=torch.float32 if plan.lm_head_fp32 else None)
             for original, new in zip((s for row in chunk for s in row),
                                      (s for row in with_field(chunk, values.cpu(), name) for s in row)):
                 scored[id(original)] = new

@@ -10,6 +10,7 @@ in value and the precision metrics compare the engine with this very forward pas
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from posttrain.data.batch import IGNORE_INDEX, PackedBatch
@@ -26,11 +27,12 @@ class PolicyGradientObjective(Objective):
     optional_fields = frozenset({"old_logprobs", "ref_logprobs"})
 
     def __init__(self, settings: PolicyLossSettings, *, temperature: float, reference: LiveReference | None,
-                 chunk_size: int, vocab_chunk_size: int):
+                 chunk_size: int, vocab_chunk_size: int, lm_head_fp32: bool = False):
         if settings.beta > 0 and reference is None:
             raise ValueError("a KL term (beta > 0) needs a reference")
         self.settings, self.temperature, self.reference = settings, temperature, reference
         self.chunk_size, self.vocab_chunk_size = chunk_size, vocab_chunk_size
+        self.matmul_dtype = torch.float32 if lm_head_fp32 else None
         self.normaliser = settings.normaliser
         self.frozen_forwards = reference.frozen_forwards if reference is not None else 0
 
@@ -42,7 +44,7 @@ class PolicyGradientObjective(Objective):
         logprobs, entropy = linear_logprobs(
             hidden, model.head_weight, batch.labels, chunk_size=self.chunk_size,
             vocab_chunk_size=self.vocab_chunk_size, vocab_size=model.vocab_size,
-            temperature=self.temperature, return_entropy=True)
+            temperature=self.temperature, return_entropy=True, matmul_dtype=self.matmul_dtype)
         scored = batch.labels != IGNORE_INDEX
         current = logprobs[scored]
         old = batch.fields["old_logprobs"][scored] if "old_logprobs" in batch.fields else current.detach()

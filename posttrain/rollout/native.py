@@ -29,6 +29,9 @@ class NativeEngine:
     `spec` (the family's `ModelSpec`) defaults to the one the model was loaded with. EOS ids are
     resolved once here (tokenizer, config.json, generation_config.json).
 
+    `lm_head_fp32`: the head's matmul and the softmax run in fp32 (an fp32 copy of the head,
+    refreshed on every update), whatever the weights' dtype.
+
     Sleep levels: 1 moves the weights to CPU memory (on a CPU engine they stay where they are)
     and `wake()` moves them back unchanged; 2 discards them (parameters on `meta`), `wake()`
     allocates them uninitialised, and `generate` refuses to run until `update_weights` has
@@ -44,6 +47,7 @@ class NativeEngine:
         spec: ModelSpec | None = None,
         prefill: str = "left",
         policy_version: int = 0,
+        lm_head_fp32: bool = False,
     ):
         if is_distributed(model) or any(isinstance(m, LoRALinear) for m in model.modules()):
             raise ValueError(
@@ -63,6 +67,12 @@ class NativeEngine:
         self._version = policy_version
         self._sleep_level = 0
         self._weights_missing = False
+        self.lm_head_fp32 = lm_head_fp32
+        self._refresh_head()
+
+    def _refresh_head(self) -> None:
+        """With `lm_head_fp32`, logits come from an fp32 copy of the (possibly bf16) head."""
+        self.model.fp32_head = self.model.head_weight.detach().float() if self.lm_head_fp32 else None
 
     @property
     def policy_version(self) -> int:
@@ -127,6 +137,7 @@ class NativeEngine:
                 target.copy_(old)
             raise
         self._weights_missing = False
+        self._refresh_head()
         self._version = self._version + 1 if version is None else version
 
     def _checked_name(
@@ -162,6 +173,7 @@ class NativeEngine:
         if self._sleep_level:
             raise RuntimeError(f"the engine is already asleep (level {self._sleep_level})")
         self.model.to("cpu" if level == 1 else "meta")
+        self.model.fp32_head = None
         torch.cuda.empty_cache()  # a no-op unless CUDA was initialised
         self._sleep_level = level
 
@@ -173,6 +185,7 @@ class NativeEngine:
             self._weights_missing = True
         elif self._sleep_level == 1:
             self.model.to(self.device)
+            self._refresh_head()
         self._sleep_level = 0
 
     def _check_awake(self, what: str) -> None:

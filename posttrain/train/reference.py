@@ -22,12 +22,13 @@ from posttrain.train.roles import FrozenModel
 
 
 def token_logprobs(model: torch.nn.Module, batch: PackedBatch, *, chunk_size: int, vocab_chunk_size: int,
-                   temperature: float = 1.0) -> Tensor:
+                   temperature: float = 1.0, matmul_dtype: torch.dtype | None = None) -> Tensor:
     """`[B, L]` fp32 log-probs of each scored label under `model` at `temperature` (0 where
-    nothing is scored)."""
+    nothing is scored); `matmul_dtype` forces the head's GEMM dtype (e.g. fp32 under autocast)."""
     hidden = forward_hidden(model, batch)
     return linear_logprobs(hidden, model.head_weight, batch.labels, chunk_size=chunk_size,
-                           vocab_chunk_size=vocab_chunk_size, vocab_size=model.vocab_size, temperature=temperature)
+                           vocab_chunk_size=vocab_chunk_size, vocab_size=model.vocab_size, temperature=temperature,
+                           matmul_dtype=matmul_dtype)
 
 
 class LiveReference:

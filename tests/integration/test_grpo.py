@@ -54,8 +54,10 @@ def test_fp32_engine_and_trainer_agree_to_round_off(model_dir, task_dir, tmp_pat
     assert (Path(result.export_dir) / "model.safetensors").exists()
 
 
-def test_bf16_engine_mismatch_is_measured_and_corrected(model_dir, task_dir, tmp_path, one_thread):
-    cfg = load(grpo_config(model_dir, task_dir, tmp_path, steps=1, rollout={"dtype": "bfloat16"},
+@pytest.mark.parametrize("lm_head_fp32", [False, True])
+def test_bf16_engine_mismatch_is_measured_and_corrected(model_dir, task_dir, tmp_path, one_thread, lm_head_fp32):
+    cfg = load(grpo_config(model_dir, task_dir, tmp_path, steps=1,
+                           rollout={"dtype": "bfloat16", "lm_head_fp32": lm_head_fp32},
                            grpo={"correction": {"mode": "tis", "cap": 1.01}}))
     row = step_rows(run_grpo(cfg).run_dir)[0]
     assert row["mismatch/abs_logprob_diff"] > 1e-4  # bf16 weights sample; fp32 recomputes
@@ -107,3 +109,23 @@ def test_cli_runs_and_bad_configs_are_named(model_dir, task_dir, tmp_path):
         load(grpo_config(model_dir, task_dir, tmp_path, rewards=[{"fn": "addition"}, {"fn": "addition"}]))
     with pytest.raises(ConfigError, match="train.steps"):
         load(grpo_config(model_dir, task_dir, tmp_path, train={"steps": None}))
+
+
+def test_sigterm_during_a_rollout_saves_and_resumes(model_dir, task_dir, tmp_path, monkeypatch, one_thread):
+    """A stop while the second rollout is scored ends the run in seconds with step 1 saved; the rerun
+    makes that rollout again (same prompts, same weights) and ends like an uninterrupted run."""
+    import time
+
+    monkeypatch.delenv("POSTTRAIN_TEST_REWARD_CALLS", raising=False)
+    sections = {"rewards": [{"fn": "tests.unit.rl.reward_fixtures:signal_on_second_call"}],
+                "train": {"schedule": "constant", "lr": 1e-2}, "checkpoint": {"resume": "auto"}}
+    started = time.perf_counter()
+    stopped = run_for(model_dir, task_dir, tmp_path / "split", 3, **sections)
+    assert stopped.status == "stopped" and stopped.steps == 1
+    assert time.perf_counter() - started < 60
+    assert (tmp_path / "split" / "run" / "checkpoints" / "step_1").is_dir()
+    monkeypatch.setenv("POSTTRAIN_TEST_REWARD_CALLS", "5")  # no more signals
+    resumed = run_for(model_dir, task_dir, tmp_path / "split", 3, **sections)
+    monkeypatch.setenv("POSTTRAIN_TEST_REWARD_CALLS", "5")
+    whole = run_for(model_dir, task_dir, tmp_path / "whole", 3, **sections)
+    assert resumed.steps == 3 and resumed.losses == whole.losses[1:]

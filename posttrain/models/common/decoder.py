@@ -123,6 +123,9 @@ class Decoder(nn.Module):
             if args.tie_embeddings
             else nn.Linear(args.hidden_size, args.padded_vocab_size, bias=False)
         )
+        self.fp32_head: torch.Tensor | None = None
+        """When set (by a generation engine), `logits` projects fp32 hidden states through this fp32
+        copy of the head: the head and its softmax in fp32 over lower-precision weights."""
 
     # -- the head, for ops and generation -------------------------------------------------------
     @property
@@ -145,8 +148,12 @@ class Decoder(nn.Module):
         return self.args.final_logit_softcap
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., d] -> logits [..., padded_vocab] in hidden's dtype; padding is -inf."""
-        logits = F.linear(hidden, self.head_weight)
+        """hidden [..., d] -> logits [..., padded_vocab] in hidden's dtype (fp32 with `fp32_head`);
+        padding is -inf."""
+        if self.fp32_head is not None:
+            logits = F.linear(hidden.float(), self.fp32_head)
+        else:
+            logits = F.linear(hidden, self.head_weight)
         cap = self.args.final_logit_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

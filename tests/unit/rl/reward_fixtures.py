@@ -29,3 +29,16 @@ def not_finite(prompts, completions, references, metadata):
 def parity(prompts, completions, references, metadata):
     """Constant 1.0 for prompts mentioning 'same', else the completion length's parity."""
     return [1.0 if "same" in p else float(len(c) % 2) for p, c in zip(prompts, completions)]
+
+
+def signal_on_second_call(prompts, completions, references, metadata):
+    """The second rollout's scoring sends this process SIGTERM and stalls (a stop while rewards run)."""
+    import os
+    import signal
+
+    count = int(os.environ.get("POSTTRAIN_TEST_REWARD_CALLS", "0")) + 1
+    os.environ["POSTTRAIN_TEST_REWARD_CALLS"] = str(count)
+    if count == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(300)
+    return [float(len(c) % 2) for c in completions]

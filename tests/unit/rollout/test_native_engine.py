@@ -233,3 +233,28 @@ def test_engine_refuses_an_adapted_model(llama_dir):
     apply_lora(model, rank=2, alpha=4, target_modules=["wq"])
     with pytest.raises(ValueError, match="no LoRA adapters"):
         NativeEngine(model, AutoTokenizer.from_pretrained(llama_dir))
+
+
+def test_lm_head_fp32_keeps_an_fp32_head_over_bf16_weights(llama_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    engine = NativeEngine(load_hf(llama_dir, dtype=torch.bfloat16), tokenizer, lm_head_fp32=True)
+    model = engine.model
+    assert model.fp32_head.dtype == torch.float32 and torch.equal(model.fp32_head, model.head_weight.float())
+    hidden = torch.randn(3, model.args.hidden_size, dtype=torch.bfloat16)
+    logits = model.logits(hidden)
+    assert logits.dtype == torch.float32
+    want = hidden.float() @ model.head_weight.float().T
+    torch.testing.assert_close(logits[:, : model.vocab_size], want[:, : model.vocab_size])
+    update = _perturbed(_snapshot(load_hf(llama_dir)))
+    engine.update_weights(update)  # the fp32 copy follows every update
+    assert torch.equal(model.fp32_head, model.head_weight.float())
+    engine.sleep(1)
+    assert model.fp32_head is None
+    engine.wake()
+    assert torch.equal(model.fp32_head, model.head_weight.float())
+    batch = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4), n=2, seed=0)
+    assert batch.tokens.shape[0] == 2
+    plain = NativeEngine(load_hf(llama_dir, dtype=torch.bfloat16), tokenizer)
+    assert plain.model.fp32_head is None and plain.model.logits(hidden).dtype == torch.bfloat16
