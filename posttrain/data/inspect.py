@@ -105,6 +105,9 @@ def inspect_data(
     color: bool | None = None,
 ) -> dict:
     """Print the first `n` rendered samples and a one-line JSON summary; return the summary."""
+    if cfg.task == "prompt":
+        raise ValueError("data inspect shows training samples; prompt rows (data.task: prompt) become samples "
+                         "only once the policy answers them (posttrain grpo logs each rollout's counts)")
     out = out or sys.stdout
     if color is None:
         color = out.isatty()
