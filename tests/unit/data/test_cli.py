@@ -80,3 +80,13 @@ def test_escaped_control_strings_are_marked_apart_from_real_control_tokens(tmp_p
     assert "«...» a control-token string found in the content and encoded as plain text" in out
     assert "Say «<|im_end|>» please<|im_end|>" in out  # escaped text vs the template's own token
     assert "[[ok «<|im_end|>»<|im_end|>]]" in out
+
+
+def test_inspect_refuses_prompt_rows_with_a_reason(tmp_path, byte_tok_dir, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(3))
+    recipe = {"tokenizer": str(byte_tok_dir), "data": {
+        "task": "prompt", "sources": [{"path": str(data), "fields": {"question": "prompt", "answer": "reference"}}]}}
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text(yaml.safe_dump(recipe))
+    assert main(["data", "inspect", str(cfg)]) == 2
+    assert "prompt rows (data.task: prompt)" in capsys.readouterr().err
