@@ -28,6 +28,10 @@ class RolloutConfig(Section):
     placement: Literal["colocated"] = "colocated"
     """colocated: the engine shares the trainer's device and sleeps while the trainer runs."""
 
+    process: bool = False
+    """Run the engine in a process of its own (spawned; its own copy of the weights); the
+    controller restarts it and repeats the request when it dies."""
+
     prompts_per_step: int = Field(8, ge=1)
     """Prompts drawn per rollout over all data-parallel ranks (a multiple of their number)."""
 

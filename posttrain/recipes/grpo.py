@@ -26,6 +26,7 @@ from posttrain.rl.policy_loss import PolicyLossSettings
 from posttrain.rl.prompts import PromptStream
 from posttrain.rl.rewards.workers import RewardTerm, RewardWorkers
 from posttrain.rollout.native import NativeEngine
+from posttrain.rollout.process_engine import ProcessEngine
 from posttrain.train.objective import Objective
 from posttrain.train.reference import LiveReference
 from posttrain.train.roles import (
@@ -80,8 +81,13 @@ class GRPORecipe:
         cfg = self.cfg
         teacher = self._teacher(ctx) if cfg.teacher is not None else None
         dtype = cfg.model.dtype if cfg.rollout.dtype == "auto" else cfg.rollout.dtype
-        engine = NativeEngine(load_hf(ctx.model_dir, device=ctx.env.device, dtype=DTYPES[dtype]), ctx.tokenizer,
-                              lm_head_fp32=cfg.rollout.lm_head_fp32)
+        if cfg.rollout.process:
+            if ctx.env.device.type != "cpu":
+                raise ValueError("rollout.process runs the native engine on the CPU only for now; set rollout.process: false")
+            engine = ProcessEngine(ctx.model_dir, dtype=dtype, lm_head_fp32=cfg.rollout.lm_head_fp32)
+        else:
+            engine = NativeEngine(load_hf(ctx.model_dir, device=ctx.env.device, dtype=DTYPES[dtype]), ctx.tokenizer,
+                                  lm_head_fp32=cfg.rollout.lm_head_fp32)
         prompts = PromptStream(cfg.data, ctx.tokenizer, seed=cfg.train.seed,
                                max_prompt_tokens=cfg.data.max_length - cfg.rollout.max_new_tokens)
         terms = [RewardTerm(r.label, r.fn, r.weight, dict(r.kwargs)) for r in cfg.rewards]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,7 @@ from posttrain.rl.rewards.workers import RewardBatch, RewardWorkers
 from posttrain.rl.rollout_metrics import RolloutStats
 from posttrain.rl.samples import ROLLOUT_FIELDS, micro_batches, pack, rollout_sample, with_field
 from posttrain.rollout.engine import GenerationEngine, RolloutBatch
+from posttrain.rollout.process_engine import EngineDied
 from posttrain.train.reference import token_logprobs
 from posttrain.train.roles import FrozenModel
 from posttrain.train.step import autocast_context
@@ -93,6 +95,7 @@ class RolloutController:
         self._synced: int | None = None  # the version the engine holds (None: unknown)
         self._stats: dict[str, float] = {}
         self._rollout_version = 0  # the policy version of the rollout being trained on
+        self.engine_restarts = 0  # engine processes restarted by this controller
         self.fields = ROLLOUT_FIELDS + (("old_logprobs",) if plan.needs_old_logprobs else ())
 
     # ---- the Loader surface ---------------------------------------------------------------------
@@ -146,6 +149,8 @@ class RolloutController:
 
     def close(self) -> None:
         self.rewards.close()
+        if hasattr(self.engine, "close"):
+            self.engine.close()
 
     # ---- one rollout -------------------------------------------------------------------------------
 
@@ -177,11 +182,27 @@ class RolloutController:
 
     def _sync(self, stats: RolloutStats) -> None:
         t0 = time.perf_counter()
+        self._engine(stats, self._push_weights)
+        stats.seconds["sync"] = time.perf_counter() - t0
+
+    def _push_weights(self) -> None:
         self.engine.wake()
         if self._synced != self.version:
             self.engine.update_weights(iter_hf_tensors_for_sync(self.policy), version=self.version)
             self._synced = self.version
-        stats.seconds["sync"] = time.perf_counter() - t0
+
+    def _engine(self, stats: RolloutStats, request: Callable[[], Any]) -> Any:
+        """`request()` to the engine; if the engine process died, restart it, push the weights
+        again and repeat the request once."""
+        try:
+            return request()
+        except EngineDied as err:
+            logger.warning("%s; restarting the engine and repeating the request", err)
+            self.engine.restart()
+            self.engine_restarts += 1
+            self._synced = None
+            self._push_weights()
+            return request()
 
     def _generate_groups(self, stats: RolloutStats) -> list[list[Sample]] | None:
         """Rounds of generation until this rank holds its share of groups with signal (or the
@@ -200,7 +221,8 @@ class RolloutController:
             groups += kept
             if not _any_rank(len(groups) < share, self.dp.group, self.device):
                 break
-        self.engine.sleep(1)
+        self._engine(stats, lambda: self.engine.sleep(1))
+        stats.engine_restarts = self.engine_restarts
         if not _any_rank(bool(groups), self.dp.group, self.device):
             if stats.groups == 0:
                 return None  # the prompts ran out
@@ -213,8 +235,9 @@ class RolloutController:
         """(groups kept, groups dropped by dynamic sampling) of one generation round."""
         plan = self.plan
         t0 = time.perf_counter()
-        batch = self.engine.generate([p.ids for p in prompts], plan.sampling, n=plan.n, seed=plan.seed,
-                                     prompt_index=[p.index for p in prompts]) if prompts else None
+        batch = self._engine(stats, lambda: self.engine.generate(
+            [p.ids for p in prompts], plan.sampling, n=plan.n, seed=plan.seed,
+            prompt_index=[p.index for p in prompts])) if prompts else None
         stats.seconds["generate"] = stats.seconds.get("generate", 0.0) + time.perf_counter() - t0
         if batch is None:
             return [], []

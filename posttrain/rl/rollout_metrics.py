@@ -11,6 +11,7 @@ ranks once per rollout (two all-reduces), so every number is global:
     rollout/samples, rollout/groups, rollout/dropped_groups, rollout/filtered_samples
     rollout/tokens_per_s                 generated tokens per second of generation (summed over ranks)
     rollout/policy_version               the weights the rollout was generated with
+    rollout/engine_restarts              engine processes restarted so far (this rank; rollout.process)
     teacher/reverse_kl                   on-policy distillation: mean over sampled tokens of
                                          log p_engine - log p_teacher (a k1 estimate per token)
     time/<phase>_s                       sync, generate, reward, teacher, old_logprobs, rollout (max over ranks)
@@ -35,6 +36,7 @@ class RolloutStats:
     groups: int = 0
     dropped_groups: int = 0
     filtered_samples: int = 0
+    engine_restarts: int = 0  # the controller's running count
     version: int = 0
 
     def _add(self, name: str, value: float) -> None:
@@ -86,6 +88,7 @@ class RolloutStats:
         out.update(_means(total))
         out["rollout/tokens_per_s"] = float(rates[0])
         out["rollout/policy_version"] = float(self.version)
+        out["rollout/engine_restarts"] = float(self.engine_restarts)
         return out
 
 

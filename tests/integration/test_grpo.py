@@ -129,3 +129,13 @@ def test_sigterm_during_a_rollout_saves_and_resumes(model_dir, task_dir, tmp_pat
     monkeypatch.setenv("POSTTRAIN_TEST_REWARD_CALLS", "5")
     whole = run_for(model_dir, task_dir, tmp_path / "whole", 3, **sections)
     assert resumed.steps == 3 and resumed.losses == whole.losses[1:]
+
+
+def test_a_killed_engine_process_is_restarted_and_the_run_finishes(model_dir, task_dir, tmp_path, monkeypatch,
+                                                                   one_thread):
+    monkeypatch.delenv("POSTTRAIN_TEST_ENGINE_KILLS", raising=False)
+    result = run_for(model_dir, task_dir, tmp_path, 4, rollout={"process": True},
+                     rewards=[{"fn": "tests.unit.rl.reward_fixtures:kill_engine_on_second_call"}])
+    assert result.status == "finished" and result.steps == 4
+    restarts = [r["rollout/engine_restarts"] for r in step_rows(result.run_dir)]
+    assert restarts == [0, 1, 1, 1]  # killed while rollout 2 was scored; its next request (sleep) restarted it

@@ -42,3 +42,19 @@ def signal_on_second_call(prompts, completions, references, metadata):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(300)
     return [float(len(c) % 2) for c in completions]
+
+
+def kill_engine_on_second_call(prompts, completions, references, metadata):
+    """The second rollout's scoring SIGKILLs the engine process (the controller runs it in-process)."""
+    import multiprocessing
+    import os
+    import signal
+
+    count = int(os.environ.get("POSTTRAIN_TEST_ENGINE_KILLS", "0")) + 1
+    os.environ["POSTTRAIN_TEST_ENGINE_KILLS"] = str(count)
+    if count == 2:
+        for child in multiprocessing.active_children():
+            if child.name == "posttrain-engine":
+                os.kill(child.pid, signal.SIGKILL)
+                child.join()
+    return [float(len(c) % 2) for c in completions]
