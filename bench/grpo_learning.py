@@ -11,16 +11,14 @@ overrides (e.g. `lora.enabled=true train.lr=5e-5`) are applied last.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-TASK = REPO / "runs" / "demo-task"
-INIT = REPO / "runs" / "demo" / "export"
+from demo_runs import EXPORT as INIT
+from demo_runs import REPO, TASK, parse_demo_args
 
 
 def write_held_out(path: Path, count: int) -> Path:
@@ -38,14 +36,7 @@ def write_held_out(path: Path, count: int) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--held-out", type=int, default=100)
-    parser.add_argument("--output-dir", help="keep the run here (default: a temporary directory)")
-    parser.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, applied last")
-    args = parser.parse_args()
-    if not (INIT / "config.json").exists():
-        raise SystemExit(f"no SFT export at {INIT}; run `make demo` first")
+    args = parse_demo_args(__doc__, steps=60, extra=[("--held-out", {"type": int, "default": 100})])
 
     from posttrain.config import load_config
     from posttrain.config.grpo import GRPOConfig

@@ -11,25 +11,17 @@ log p_teacher - log p_student. Reports the reverse KL per rollout and on the dem
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-TASK = REPO / "runs" / "demo-task"
-TEACHER = REPO / "runs" / "demo" / "export"
+from demo_runs import EXPORT as TEACHER
+from demo_runs import REPO, TASK, parse_demo_args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--output-dir", help="keep the run here (default: a temporary directory)")
-    parser.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, applied last")
-    args = parser.parse_args()
-    if not (TEACHER / "config.json").exists():
-        raise SystemExit(f"no SFT export at {TEACHER}; run `make demo` first")
+    args = parse_demo_args(__doc__, steps=15)
 
     from posttrain.config import load_config
     from posttrain.config.grpo import GRPOConfig

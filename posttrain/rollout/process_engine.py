@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from posttrain.cluster.child_process import ChildGone, PipedChild
 from posttrain.models.sampling import SamplingParams
 from posttrain.rollout.engine import RolloutBatch
 
@@ -87,47 +88,41 @@ class ProcessEngine:
     """The `GenerationEngine` interface over a `NativeEngine` in its own process."""
 
     def __init__(self, model_dir: str | Path, *, dtype: str = "float32", lm_head_fp32: bool = False):
-        self._args = (str(model_dir), dtype, lm_head_fp32)
-        self.process, self.conn = None, None
+        self.child = PipedChild(_serve, (str(model_dir), dtype, lm_head_fp32), name="posttrain-engine",
+                                start_timeout_s=START_TIMEOUT_S, context=mp)
         self.restarts = -1
         self.restart()
 
+    @property
+    def process(self):
+        return self.child.process
+
     def restart(self) -> None:
         """Stop the current process (if any) and start a fresh engine from the model directory."""
-        self.close()
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, *self._args), daemon=True, name="posttrain-engine")
-        self.process.start()
-        child.close()
-        if not self.conn.poll(START_TIMEOUT_S):
-            self.close()
-            raise RuntimeError(f"the engine process did not start within {START_TIMEOUT_S} s")
-        self.pad_id, self._version = self._answer()
+        _, (self.pad_id, self._version) = self.child.start()
         self.restarts += 1
 
     def close(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.join()
-            self.conn.close()
-        self.process, self.conn = None, None
+        self.child.stop()
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self.child.send(message)
+        except ChildGone as err:
+            raise EngineDied(str(err)) from None
 
     def _answer(self):
         try:
-            status, value = self.conn.recv()
-        except (EOFError, OSError):
-            raise EngineDied(f"the engine process (pid {self.process.pid}) died") from None
+            status, value = self.child.receive()
+        except ChildGone as err:
+            raise EngineDied(str(err)) from None
         if status == "error":
             kind, message = value
             raise (ValueError if kind == "ValueError" else RuntimeError)(message)
         return value
 
     def _call(self, method: str, *args):
-        try:
-            self.conn.send((method, args))
-        except (BrokenPipeError, OSError):
-            raise EngineDied(f"the engine process (pid {self.process.pid}) died") from None
+        self._send((method, args))
         value, self._version = self._answer()
         return value
 
@@ -140,21 +135,20 @@ class ProcessEngine:
         return self._call("generate", prompt_ids, sampling, n, seed, None if prompt_index is None else list(prompt_index))
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> None:
+        self._send(("update_weights", (version,)))
         try:
-            self.conn.send(("update_weights", (version,)))
+            for chunk in _chunks(named_tensors):
+                self._send(("chunk", chunk))
+        except EngineDied:
+            raise
+        except Exception:
+            self._send(("end", None))  # the engine refuses the partial update and stays as it was
             try:
-                for chunk in _chunks(named_tensors):
-                    self.conn.send(("chunk", chunk))
-            except Exception:
-                self.conn.send(("end", None))  # the engine refuses the partial update and stays as it was
-                try:
-                    self._answer()
-                except ValueError:
-                    pass
-                raise
-            self.conn.send(("end", None))
-        except (BrokenPipeError, OSError):
-            raise EngineDied(f"the engine process (pid {self.process.pid}) died") from None
+                self._answer()
+            except ValueError:
+                pass
+            raise
+        self._send(("end", None))
         _, self._version = self._answer()
 
     def sleep(self, level: int = 1) -> None:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from posttrain.config.dpo import DPOConfig
 from posttrain.config.loading import validate_config
 from posttrain.recipes.dpo import run_dpo
-from tests.integration.sft_configs import merge_sections
+from tests.integration.sft_configs import merge_sections, recipe_config
 
 FILLER = ("please", "think", "carefully", "about", "this", "small", "sum", "and", "answer", "briefly")
 
@@ -41,21 +41,8 @@ def write_pairs(path: Path, n: int = 32, *, variant: str = "") -> Path:
 
 def dpo_config(model_dir: Path, data_path: Path, run_root: Path, *, steps: int = 2, **sections) -> dict:
     """A DPO recipe config as a dict; each keyword updates (dict) or replaces (other) a section."""
-    cfg = {
-        "name": "run",
-        "output_dir": str(run_root),
-        "model": {"path": str(model_dir)},
-        "data": {
-            "task": "preference",
-            "sources": [{"path": str(data_path)}],
-            "max_length": 256,
-            "epochs": None,
-        },
-        "train": {"steps": steps, "lr": 1e-3, "warmup_steps": 1, "micro_batch_size": 2, "grad_accum": 2},
-        "dpo": {"reference": "precompute"},
-        "tracking": {"console": False, "tensorboard": False},
-        "checkpoint": {"resume": "never"},
-    }
+    cfg = recipe_config(model_dir, run_root, data={"task": "preference", "sources": [{"path": str(data_path)}]},
+                        train={"steps": steps, "warmup_steps": 1, "grad_accum": 2}, dpo={"reference": "precompute"})
     return merge_sections(cfg, sections)
 
 

@@ -6,28 +6,16 @@ from pathlib import Path
 
 from posttrain.config.grpo import GRPOConfig
 from posttrain.config.loading import validate_config
-from tests.integration.sft_configs import merge_sections
+from tests.integration.sft_configs import merge_sections, recipe_config
 
 
 def grpo_config(model_dir: Path, task_dir: Path, run_root: Path, *, steps: int = 2, **sections) -> dict:
     """A GRPO recipe config as a dict; each keyword updates (dict) or replaces (other) a section."""
-    cfg = {
-        "name": "run",
-        "output_dir": str(run_root),
-        "model": {"path": str(model_dir)},
-        "data": {
-            "task": "prompt",
-            "sources": [{"path": str(task_dir / "train.jsonl"), "fields": {"question": "prompt", "answer": "reference"}}],
-            "max_length": 128,
-            "epochs": None,
-        },
-        "train": {"steps": steps, "lr": 1e-3, "micro_batch_size": 2},
-        "rollout": {"prompts_per_step": 2, "n": 4, "max_new_tokens": 12},
-        "rewards": [{"fn": "addition"}],
-        "reward_workers": {"processes": 0},
-        "tracking": {"console": False, "tensorboard": False},
-        "checkpoint": {"resume": "never"},
-    }
+    source = {"path": str(task_dir / "train.jsonl"), "fields": {"question": "prompt", "answer": "reference"}}
+    defaults = {"rollout": {"prompts_per_step": 2, "n": 4, "max_new_tokens": 12}, "rewards": [{"fn": "addition"}],
+                "reward_workers": {"processes": 0}}
+    cfg = recipe_config(model_dir, run_root, data={"task": "prompt", "sources": [source], "max_length": 128},
+                        train={"steps": steps}, **defaults)
     return merge_sections(cfg, sections)
 
 

@@ -18,7 +18,7 @@ ALLOWED: dict[str, set[str]] = {
     "tracking": {"config"},
     "cluster": {"config"},  # launches functions; never model, data or recipe code
     "train": {"config", "data", "models", "ops", "parallel", "tracking", "cluster.dist_env"},
-    "rollout": {"models", "parallel", "config"},
+    "rollout": {"models", "parallel", "config", "cluster.child_process"},
     "evaluation": {"config", "data", "models", "ops", "rollout", "rl", "train"},
     "rl": {"config", "data", "models", "ops", "parallel", "rollout", "train", "evaluation", "cluster"},
     "recipes": {"config", "data", "models", "ops", "parallel", "tracking", "cluster", "train", "rollout",

@@ -12,13 +12,13 @@ killed and replaced by a fresh process. With `on_error: raise` the first failure
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from posttrain.cluster.child_process import ChildGone, PipedChild
 from posttrain.rl.rewards.functions import normalise_result, resolve_reward
 
 logger = logging.getLogger("posttrain.rl")
@@ -87,47 +87,28 @@ def _serve(conn) -> None:
 
 
 class _Worker:
-    """One spawned process behind a private pipe (no locks shared with other workers, so a killed
-    or hung worker cannot wedge the rest); killed and replaced when a call times out or it dies."""
+    """One reward process behind a private pipe; killed and replaced when a call times out or it dies."""
 
     def __init__(self):
-        self.process, self.conn = None, None
-
-    def start(self) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child,), daemon=True, name="posttrain-reward")
-        self.process.start()
-        child.close()
-        if not self.conn.poll(START_TIMEOUT_S):
-            self.stop()
-            raise RuntimeError(f"a reward worker did not start within {START_TIMEOUT_S} s")
-        self.conn.recv()
+        self.child = PipedChild(_serve, name="posttrain-reward", start_timeout_s=START_TIMEOUT_S)
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.join()
-            self.conn.close()
-        self.process, self.conn = None, None
+        self.child.stop()
 
     def send(self, request: tuple) -> None:
-        if self.process is None or not self.process.is_alive():
-            self.stop()
-            self.start()
-        self.conn.send(request)
+        if not self.child.alive:
+            self.child.start()
+        self.child.send(request)
 
     def receive(self, deadline: float, what: str) -> list[dict[str, float]]:
         try:
-            ready = self.conn.poll(max(0.0, deadline - time.monotonic()))
-            answer = self.conn.recv() if ready else None
-        except (EOFError, OSError):
-            self.stop()
+            status, value = self.child.receive(deadline)
+        except ChildGone:
+            self.child.stop()
             raise RuntimeError(f"the worker running {what} died") from None
-        if answer is None:
-            self.stop()  # the hung call dies with its process; the next call starts a fresh one
-            raise TimeoutError(f"{what} did not return in time")
-        status, value = answer
+        except TimeoutError:
+            self.child.stop()  # the hung call dies with its process; the next call starts a fresh one
+            raise TimeoutError(f"{what} did not return in time") from None
         if status == "error":
             raise RuntimeError(value)
         return value

@@ -80,7 +80,7 @@ def test_killed_worker_is_replaced():
     try:
         assert workers.score(batch(["1 + 1 = 2", "2"])).total.tolist() == [1.0, 0.0]
         for worker in workers._workers:
-            worker.process.kill()
+            worker.child.process.kill()
         scores = workers.score(batch(["1 + 1 = 2", "1 + 1 = 3"]))
         assert scores.total.tolist() == [1.0, 0.0]
     finally:
