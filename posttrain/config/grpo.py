@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from posttrain.config.base import FieldError, Section
 from posttrain.config.model import FrozenModelConfig
@@ -22,15 +22,28 @@ from posttrain.config.recipe import RecipeConfig
 
 
 class RolloutConfig(Section):
+    model_config = ConfigDict(**Section.model_config, validate_by_name=True, validate_by_alias=True,
+                              serialize_by_alias=True)  # `async` is a Python keyword: the field is async_
+
     engine: Literal["native"] = "native"
     """The generation engine; `native` is our KV-cache decoder in the trainer's process."""
 
-    placement: Literal["colocated"] = "colocated"
-    """colocated: the engine shares the trainer's device and sleeps while the trainer runs."""
+    placement: Literal["colocated", "separate"] = "colocated"
+    """colocated: the engine shares the trainer's devices (and sleeps while the trainer runs);
+    separate: a Ray actor with `cpus` CPUs of its own (launcher.backend: ray)."""
 
     process: bool = False
-    """Run the engine in a process of its own (spawned; its own copy of the weights); the
-    controller restarts it and repeats the request when it dies."""
+    """Run the engine in a process of its own with its own copy of the weights (a spawned process;
+    a Ray actor on the rank's node under launcher.backend: ray); the controller restarts it and
+    repeats the request when it dies. Implied by placement: separate."""
+
+    cpus: float = Field(1.0, gt=0)
+    """CPUs reserved for the engine actor of `placement: separate` (one per data-parallel rank)."""
+
+    async_: bool = Field(False, alias="async")
+    """One-step off-policy overlap: rollout k+1 is generated (with the weights before update k)
+    while step k trains; `rollout/policy_lag` says how stale each step's samples are, and
+    `grpo.correction` weighs the gap. Pays off when the engine has devices of its own."""
 
     prompts_per_step: int = Field(8, ge=1)
     """Prompts drawn per rollout over all data-parallel ranks (a multiple of their number)."""
@@ -125,7 +138,8 @@ class RewardConfig(Section):
 
 class RewardWorkersConfig(Section):
     processes: int = Field(1, ge=0)
-    """Worker processes; 0 scores in the controller without a timeout (trusted, quick functions)."""
+    """Worker processes (Ray actors on the rank's node under launcher.backend: ray); 0 scores in
+    the controller without a timeout (trusted, quick functions)."""
 
     timeout_s: float = Field(60.0, gt=0)
     on_error: Literal["zero", "raise"] = "zero"
@@ -167,6 +181,9 @@ class GRPOConfig(RecipeConfig):
         labels = [r.label for r in self.rewards]
         if len(set(labels)) != len(labels):
             raise FieldError("rewards", f"reward names repeat ({labels}); give each a distinct name")
+        if self.rollout.placement == "separate" and self.launcher.backend != "ray":
+            raise FieldError("rollout.placement", "separate places the engine on Ray actors of its own; "
+                             "set launcher.backend: ray (or placement: colocated)")
         if self.grpo.overlong.mode == "penalty" and self.grpo.overlong.buffer == 0:
             raise FieldError("grpo.overlong.buffer", "the penalty mode needs a buffer of tokens > 0")
         return self

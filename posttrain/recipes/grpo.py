@@ -25,6 +25,7 @@ from posttrain.rl.objective import PolicyGradientObjective
 from posttrain.rl.policy_loss import PolicyLossSettings
 from posttrain.rl.prompts import PromptStream
 from posttrain.rl.rewards.workers import RewardTerm, RewardWorkers
+from posttrain.rollout.engine import GenerationEngine
 from posttrain.rollout.native import NativeEngine
 from posttrain.rollout.process_engine import ProcessEngine
 from posttrain.train.objective import Objective
@@ -59,7 +60,8 @@ def rollout_plan(cfg: GRPOConfig) -> RolloutPlan:
         max_rounds=g.dynamic_sampling.max_rounds, overlong=g.overlong.mode, overlong_buffer=g.overlong.buffer,
         overlong_penalty=g.overlong.penalty, row_length=cfg.data.max_length,
         rows_per_batch=cfg.train.micro_batch_size, precision=cfg.train.precision,
-        chunk_size=cfg.train.chunk_size, vocab_chunk_size=cfg.train.vocab_chunk_size, lm_head_fp32=r.lm_head_fp32)
+        chunk_size=cfg.train.chunk_size, vocab_chunk_size=cfg.train.vocab_chunk_size, lm_head_fp32=r.lm_head_fp32,
+        overlap=r.async_)
 
 
 class GRPORecipe:
@@ -80,24 +82,38 @@ class GRPORecipe:
     def loader(self, ctx: TrainContext, *, counting: bool = False) -> RolloutController:
         cfg = self.cfg
         teacher = self._teacher(ctx) if cfg.teacher is not None else None
-        dtype = cfg.model.dtype if cfg.rollout.dtype == "auto" else cfg.rollout.dtype
-        if cfg.rollout.process:
-            if ctx.env.device.type != "cpu":
-                raise ValueError("rollout.process runs the native engine on the CPU only for now; set rollout.process: false")
-            engine = ProcessEngine(ctx.model_dir, dtype=dtype, lm_head_fp32=cfg.rollout.lm_head_fp32)
-        else:
-            engine = NativeEngine(load_hf(ctx.model_dir, device=ctx.env.device, dtype=DTYPES[dtype]), ctx.tokenizer,
-                                  lm_head_fp32=cfg.rollout.lm_head_fp32)
+        engine = self._engine(ctx)
         prompts = PromptStream(cfg.data, ctx.tokenizer, seed=cfg.train.seed,
                                max_prompt_tokens=cfg.data.max_length - cfg.rollout.max_new_tokens)
         terms = [RewardTerm(r.label, r.fn, r.weight, dict(r.kwargs)) for r in cfg.rewards]
         workers = cfg.reward_workers
         rewards = RewardWorkers(terms, processes=workers.processes, timeout_s=workers.timeout_s,
-                                on_error=workers.on_error)
+                                on_error=workers.on_error, backend=self._backend)
         self._controller = RolloutController(
             rollout_plan(cfg), prompts=prompts, engine=engine, rewards=rewards, policy=ctx.model, dp=ctx.dp,
             device=ctx.env.device, pad_id=engine.pad_id, teacher=teacher)
         return self._controller
+
+    @property
+    def _backend(self) -> str:
+        return "ray" if self.cfg.launcher.backend == "ray" else "process"
+
+    def _engine(self, ctx: TrainContext) -> GenerationEngine:
+        """The native engine: in this process, in a spawned process, or in a Ray actor."""
+        rollout = self.cfg.rollout
+        dtype = self.cfg.model.dtype if rollout.dtype == "auto" else rollout.dtype
+        if not (rollout.process or rollout.placement == "separate"):
+            return NativeEngine(load_hf(ctx.model_dir, device=ctx.env.device, dtype=DTYPES[dtype]), ctx.tokenizer,
+                                lm_head_fp32=rollout.lm_head_fp32)
+        if ctx.env.device.type != "cpu":
+            raise ValueError("an engine process or actor runs the native engine on the CPU only for now; "
+                             "set rollout.process: false and rollout.placement: colocated")
+        if self._backend == "ray":
+            from posttrain.rollout.ray_engine import RayEngine
+
+            return RayEngine(ctx.model_dir, dtype=dtype, lm_head_fp32=rollout.lm_head_fp32,
+                             placement=rollout.placement, cpus=rollout.cpus)
+        return ProcessEngine(ctx.model_dir, dtype=dtype, lm_head_fp32=rollout.lm_head_fp32)
 
     def _teacher(self, ctx: TrainContext) -> FrozenModel:
         """The distillation teacher: its tokenizer checked against the policy's before its weights load."""

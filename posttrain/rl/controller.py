@@ -36,6 +36,7 @@ from posttrain.models.sampling import SamplingParams
 from posttrain.parallel.export import iter_hf_tensors_for_sync
 from posttrain.parallel.mesh import DataParallel
 from posttrain.rl.advantages import constant_groups, group_advantages
+from posttrain.rl.ahead import Produced, RolloutAhead
 from posttrain.rl.prompts import Prompt, PromptStream
 from posttrain.rl.rewards.workers import RewardBatch, RewardWorkers
 from posttrain.rl.rollout_metrics import RolloutStats
@@ -71,6 +72,7 @@ class RolloutPlan:
     chunk_size: int = 1024
     vocab_chunk_size: int = 1024
     lm_head_fp32: bool = False
+    overlap: bool = False  # rollout.async: the next rollout generates while this one trains
 
     @property
     def needs_old_logprobs(self) -> bool:
@@ -97,6 +99,10 @@ class RolloutController:
         self._rollout_version = 0  # the policy version of the rollout being trained on
         self.engine_restarts = 0  # engine processes restarted by this controller
         self.fields = ROLLOUT_FIELDS + (("old_logprobs",) if plan.needs_old_logprobs else ())
+        if plan.overlap and plan.dynamic_sampling and dp.size > 1:
+            raise ValueError("rollout.async with dynamic sampling needs one data-parallel rank (the ranks "
+                             "agree on the refill rounds through collectives, which a background rollout cannot run)")
+        self.ahead = RolloutAhead(self._generate) if plan.overlap else None
 
     # ---- the Loader surface ---------------------------------------------------------------------
 
@@ -134,11 +140,19 @@ class RolloutController:
         return stats
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prompts": self.prompts.snapshot(), "version": self.version, "rollouts": self.rollouts,
-                "rollout_version": self._rollout_version,
-                "pending": [[s.to_dict() for s in step] for step in self._pending]}
+        """The loader state of a checkpoint; waits for a rollout generating ahead and keeps it."""
+        return self._state(join=True)
 
-    position = state_dict
+    def position(self) -> dict[str, Any]:
+        """A cheap snapshot for rewinding a step: a rollout still generating ahead is left out (the
+        prompt stream as of before it); restoring it regenerates that rollout."""
+        return self._state(join=False)
+
+    def _state(self, join: bool) -> dict[str, Any]:
+        ahead = self.ahead.state(join, self._regenerate) if self.ahead is not None else {}
+        return {"prompts": ahead.get("prompts") or self.prompts.snapshot(), "version": self.version,
+                "rollouts": self.rollouts, "rollout_version": self._rollout_version,
+                "pending": [[s.to_dict() for s in step] for step in self._pending], "ahead": ahead.get("ready")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.prompts.restore(state["prompts"])
@@ -146,8 +160,15 @@ class RolloutController:
         self._rollout_version = int(state["rollout_version"])
         self._pending = [[Sample.from_dict(s) for s in step] for step in state["pending"]]
         self._synced = None
+        if self.ahead is not None:
+            self.ahead.restore(state.get("ahead"))
+        elif state.get("ahead") is not None:
+            raise ValueError("the checkpoint holds a rollout generated ahead (rollout.async: true); "
+                             "resume it with rollout.async: true")
 
     def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead.close()
         self.rewards.close()
         if hasattr(self.engine, "close"):
             self.engine.close()
@@ -155,13 +176,41 @@ class RolloutController:
     # ---- one rollout -------------------------------------------------------------------------------
 
     def _rollout(self) -> bool:
-        """Make the next rollout's steps (none when it left no sample); False once prompts ran out."""
-        plan, stats = self.plan, RolloutStats()
+        """Make the next rollout's steps (none when it left no sample); False once prompts ran out.
+        With `overlap` the rollout generated ahead is taken and the next one started."""
         started = time.perf_counter()
+        produced = self.ahead.take(self._regenerate) if self.ahead is not None else None
+        if produced is None:
+            produced = self._produce_now()
+        if self.ahead is not None:
+            stats = RolloutStats()
+            self._sync(stats)  # on this thread: gathering sharded weights is collective
+            self.ahead.start(stats, self.version, self.prompts.snapshot())
+        return self._finish(produced, started)
+
+    def _produce_now(self) -> Produced:
+        stats = RolloutStats()
         self._sync(stats)
-        groups = self._generate_groups(stats)
-        if groups is None:
-            return False
+        return self._generate(stats, self.version)
+
+    def _regenerate(self, prompts_before: dict) -> Produced:
+        """The engine died while generating ahead: restart it and make that rollout again, from
+        the same prompts, with the current weights."""
+        logger.warning("the engine died while generating ahead; restarting it and generating again")
+        self.prompts.restore(prompts_before)
+        self._restart_engine()
+        return self._produce_now()
+
+    def _finish(self, produced: Produced, started: float) -> bool:
+        """The collective part of a rollout, on the trainer's thread: agree whether any rank has
+        groups, the teacher's and the old log-probs, the steps, the global metrics."""
+        plan, stats, groups = self.plan, produced.stats, produced.groups
+        if not _any_rank(bool(groups), self.dp.group, self.device):
+            if stats.groups == 0:
+                return False  # the prompts ran out
+            # Every group of every round had equal rewards: train on the last round's (advantage 0,
+            # no gradient from the policy term) rather than loop for ever.
+            groups = [g for g in produced.dropped if g][: plan.prompts_per_step // self.dp.size]
         if self.teacher is not None:
             t0 = time.perf_counter()
             groups = self._teacher_advantages(groups, stats)
@@ -177,7 +226,7 @@ class RolloutController:
         self.rollouts += 1
         stats.seconds["rollout"] = time.perf_counter() - started
         self._stats = stats.reduce(self.dp.group, self.device)
-        self._rollout_version = self.version
+        self._rollout_version = produced.version
         return True
 
     def _sync(self, stats: RolloutStats) -> None:
@@ -191,47 +240,49 @@ class RolloutController:
             self.engine.update_weights(iter_hf_tensors_for_sync(self.policy), version=self.version)
             self._synced = self.version
 
+    def _restart_engine(self) -> None:
+        self.engine.restart()
+        self.engine_restarts += 1
+        self._synced = None
+
     def _engine(self, stats: RolloutStats, request: Callable[[], Any]) -> Any:
         """`request()` to the engine; if the engine process died, restart it, push the weights
-        again and repeat the request once."""
+        again and repeat the request once (on the trainer's thread; a rollout generating ahead
+        lets the death through, to be handled when it is taken)."""
         try:
             return request()
         except EngineDied as err:
+            if self.ahead is not None and self.ahead.in_background():
+                raise
             logger.warning("%s; restarting the engine and repeating the request", err)
-            self.engine.restart()
-            self.engine_restarts += 1
-            self._synced = None
+            self._restart_engine()
             self._push_weights()
             return request()
 
-    def _generate_groups(self, stats: RolloutStats) -> list[list[Sample]] | None:
+    def _generate(self, stats: RolloutStats, version: int) -> Produced:
         """Rounds of generation until this rank holds its share of groups with signal (or the
-        round limit); None when the prompts ran out before any group was made."""
+        round limit). No collective runs here unless dynamic sampling refills (see `overlap`)."""
         plan = self.plan
         share = plan.prompts_per_step // self.dp.size
         groups: list[list[Sample]] = []
         dropped: list[list[Sample]] = []
         rounds = plan.max_rounds if plan.dynamic_sampling else 1
-        for _ in range(rounds):
+        for round_ in range(rounds):
             drawn = self.prompts.next(plan.prompts_per_step)  # every rank draws the global batch
             if not drawn:
                 break
             mine = drawn[self.dp.rank :: self.dp.size][: share - len(groups)]
-            kept, dropped = self._groups_of(mine, stats)
+            kept, dropped = self._groups_of(mine, stats, version)
             groups += kept
-            if not _any_rank(len(groups) < share, self.dp.group, self.device):
+            if round_ == rounds - 1 or not _any_rank(len(groups) < share, self.dp.group, self.device):
                 break
-        self._engine(stats, lambda: self.engine.sleep(1))
+        if not plan.overlap:  # colocated: free the engine's memory while the trainer runs
+            self._engine(stats, lambda: self.engine.sleep(1))
         stats.engine_restarts = self.engine_restarts
-        if not _any_rank(bool(groups), self.dp.group, self.device):
-            if stats.groups == 0:
-                return None  # the prompts ran out
-            # Every group of every round had equal rewards: train on the last round's (advantage 0,
-            # no gradient from the policy term) rather than loop for ever.
-            return [g for g in dropped if g][:share]
-        return groups
+        return Produced(groups, dropped, stats, version)
 
-    def _groups_of(self, prompts: list[Prompt], stats: RolloutStats) -> tuple[list[list[Sample]], list[list[Sample]]]:
+    def _groups_of(self, prompts: list[Prompt], stats: RolloutStats,
+                   version: int) -> tuple[list[list[Sample]], list[list[Sample]]]:
         """(groups kept, groups dropped by dynamic sampling) of one generation round."""
         plan = self.plan
         t0 = time.perf_counter()
@@ -243,7 +294,7 @@ class RolloutController:
             return [], []
         scores = self.rewards.score(reward_batch(prompts, batch, plan.n, plan.sampling.max_new_tokens))
         rewards = scores.total + overlong_penalty(batch, plan)
-        stats.add_rollout(batch, scores, rewards, self.version)
+        stats.add_rollout(batch, scores, rewards, version)
         grouped = rewards.view(len(prompts), plan.n)
         distill = plan.advantage == "teacher_reverse_kl"  # per-token advantages come from the teacher
         advantages = torch.zeros_like(grouped) if distill else group_advantages(plan.advantage, grouped)

@@ -32,7 +32,7 @@ class EngineDied(RuntimeError):
     """The engine process is gone; `restart()` it and repeat the request."""
 
 
-def _chunks(named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def chunks(named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[list[tuple[str, torch.Tensor]]]:
     chunk, size = [], 0
     for name, tensor in named:
         chunk.append((name, tensor.detach().cpu()))
@@ -137,7 +137,7 @@ class ProcessEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> None:
         self._send(("update_weights", (version,)))
         try:
-            for chunk in _chunks(named_tensors):
+            for chunk in chunks(named_tensors):
                 self._send(("chunk", chunk))
         except EngineDied:
             raise

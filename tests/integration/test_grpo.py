@@ -109,6 +109,12 @@ def test_cli_runs_and_bad_configs_are_named(model_dir, task_dir, tmp_path):
         load(grpo_config(model_dir, task_dir, tmp_path, rewards=[{"fn": "addition"}, {"fn": "addition"}]))
     with pytest.raises(ConfigError, match="train.steps"):
         load(grpo_config(model_dir, task_dir, tmp_path, train={"steps": None}))
+    with pytest.raises(ConfigError, match="rollout.placement.*launcher.backend: ray"):
+        load(grpo_config(model_dir, task_dir, tmp_path, rollout={"placement": "separate"}))
+    overlapped = load(grpo_config(model_dir, task_dir, tmp_path, rollout={"async": True}))
+    assert overlapped.rollout.async_ and overlapped.model_dump(mode="json")["rollout"]["async"] is True
+    with pytest.raises(ConfigError, match="rollout.asynch"):
+        load(grpo_config(model_dir, task_dir, tmp_path, rollout={"asynch": True}))
 
 
 def test_sigterm_during_a_rollout_saves_and_resumes(model_dir, task_dir, tmp_path, monkeypatch, one_thread):

@@ -2,7 +2,8 @@
 
 `RewardWorkers.score(batch)` calls every configured reward function on the whole batch, weights
 and sums them. A call is split over `processes` spawned worker processes, each behind its own
-pipe (`processes: 0` runs it in the controller, without a timeout: only for trusted, quick
+pipe, or as many Ray actors under the Ray backend (`rewards/ray_worker.py`, the same protocol;
+`processes: 0` runs it in the controller, without a timeout: only for trusted, quick
 functions). When a batched call raises,
 hangs past `timeout_s`, dies or returns something malformed, it is retried sample by sample, so
 only the samples that fail get reward 0 and count in `reward/errors`; a hung or dead worker is
@@ -72,18 +73,23 @@ def call_reward(fn: str, kwargs: dict, batch: RewardBatch) -> list[dict[str, flo
     return normalise_result(fn, result, len(batch))
 
 
+def answer(fn: str, kwargs: dict, batch: RewardBatch) -> tuple[str, Any]:
+    """A worker's reply to one request: ("ok", rows) or ("error", "Type: message")."""
+    try:
+        return "ok", call_reward(fn, kwargs, batch)
+    except Exception as err:  # noqa: BLE001 - user code: report, never die
+        return "error", f"{type(err).__name__}: {err}"
+
+
 def _serve(conn) -> None:
     """A worker process: answer `(fn, kwargs, batch)` requests until the pipe closes."""
     conn.send(("ready", None))
     while True:
         try:
-            fn, kwargs, batch = conn.recv()
+            request = conn.recv()
         except EOFError:
             return
-        try:
-            conn.send(("ok", call_reward(fn, kwargs, batch)))
-        except Exception as err:  # noqa: BLE001 - user code: report, never die
-            conn.send(("error", f"{type(err).__name__}: {err}"))
+        conn.send(answer(*request))
 
 
 class _Worker:
@@ -114,13 +120,22 @@ class _Worker:
         return value
 
 
+def _worker_class(backend: str) -> type:
+    if backend == "ray":
+        from posttrain.rl.rewards.ray_worker import RayWorker
+
+        return RayWorker
+    return _Worker
+
+
 class RewardWorkers:
     def __init__(self, terms: list[RewardTerm], *, processes: int = 1, timeout_s: float = 60.0,
-                 on_error: str = "zero"):
+                 on_error: str = "zero", backend: str = "process"):
+        """`backend`: "process" (spawned processes) or "ray" (Ray actors on this node)."""
         for term in terms:
             resolve_reward(term.fn)  # a bad name fails before the first rollout
         self.terms, self.processes, self.timeout_s, self.on_error = terms, processes, timeout_s, on_error
-        self._workers = [_Worker() for _ in range(processes)]
+        self._workers = [_worker_class(backend)() for _ in range(processes)]
 
     def close(self) -> None:
         for worker in self._workers:

@@ -44,17 +44,40 @@ def signal_on_second_call(prompts, completions, references, metadata):
     return [float(len(c) % 2) for c in completions]
 
 
-def kill_engine_on_second_call(prompts, completions, references, metadata):
-    """The second rollout's scoring SIGKILLs the engine process (the controller runs it in-process)."""
+def kill_engine_on_second_call(prompts, completions, references, metadata, constant=False, on_call=2):
+    """The second (`on_call`-th) scoring SIGKILLs the engine process (the controller runs it
+    in-process); `constant`: every sample scores 1 (groups without signal, which dynamic sampling
+    refills)."""
     import multiprocessing
     import os
     import signal
 
     count = int(os.environ.get("POSTTRAIN_TEST_ENGINE_KILLS", "0")) + 1
     os.environ["POSTTRAIN_TEST_ENGINE_KILLS"] = str(count)
-    if count == 2:
+    if count == on_call:
         for child in multiprocessing.active_children():
             if child.name == "posttrain-engine":
                 os.kill(child.pid, signal.SIGKILL)
                 child.join()
+    return [1.0 if constant else float(len(c) % 2) for c in completions]
+
+
+def kill_ray_engine_on_second_call(prompts, completions, references, metadata):
+    """The second rollout's scoring SIGKILLs every engine actor of this Ray cluster (its pid)."""
+    import os
+    import signal
+
+    import ray
+
+    count = int(os.environ.get("POSTTRAIN_TEST_ENGINE_KILLS", "0")) + 1
+    os.environ["POSTTRAIN_TEST_ENGINE_KILLS"] = str(count)
+    if count == 2:
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if actor["name"].startswith("posttrain-engine-"):
+                try:
+                    handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+                    _, _, pid = ray.get(handle.info.remote())
+                except (ValueError, ray.exceptions.RayActorError):
+                    continue  # an engine of an earlier run, already gone
+                os.kill(pid, signal.SIGKILL)
     return [float(len(c) % 2) for c in completions]

@@ -70,19 +70,19 @@ def test_rollout_sample_fields_sit_on_the_label_positions():
 def test_groups_advantages_and_dynamic_sampling():
     ctrl = controller(dynamic_sampling=True, max_rounds=2)
     stats = RolloutStats()
-    kept, dropped = ctrl._groups_of(PROMPTS, stats)
+    kept, dropped = ctrl._groups_of(PROMPTS, stats, 0)
     # prompt "same": constant reward 1.0 -> dropped; "different": lengths 1, 2, 3 -> parity 1, 0, 1
     assert len(kept) == 1 and len(dropped) == 1 and stats.dropped_groups == 1
     adv = [s.fields["advantages"][-2] for s in kept[0]]
     std = math.sqrt(1.0 / 3.0)  # rewards 1, 0, 1: mean 2/3, unbiased std sqrt(1/3)
     expected = [(r - 2 / 3) / (std + 1e-4) for r in (1.0, 0.0, 1.0)]
     assert all(math.isclose(a, e, rel_tol=1e-6) for a, e in zip(adv, expected))
-    no_dynamic, _ = controller()._groups_of(PROMPTS, RolloutStats())
+    no_dynamic, _ = controller()._groups_of(PROMPTS, RolloutStats(), 0)
     assert len(no_dynamic) == 2
 
 
 def test_overlong_filter_and_penalty():
-    kept, _ = controller(overlong="filter")._groups_of(PROMPTS, stats := RolloutStats())
+    kept, _ = controller(overlong="filter")._groups_of(PROMPTS, stats := RolloutStats(), 0)
     assert [len(g) for g in kept] == [2, 2] and stats.filtered_samples == 2  # the 3-token samples
     batch = ScriptedEngine().generate([[1]], SamplingParams(max_new_tokens=3), n=3)
     plan = RolloutPlan(prompts_per_step=1, n=3, sampling=SamplingParams(max_new_tokens=3), seed=0,

@@ -1,0 +1,131 @@
+"""`RayEngine`: a `NativeEngine` in a Ray actor, which the controller restarts if it dies.
+
+The Ray backend's counterpart of `ProcessEngine`, with the same surface (`restart`, `close`,
+`EngineDied`). Placement:
+
+    colocated  the actor runs on the calling rank's node with no CPUs reserved (it shares the
+               rank's cores and runs only while the trainer waits for the rollout)
+    separate   the actor reserves `cpus` CPUs of its own, wherever the cluster has them
+
+A weight update puts chunks of HF-named tensors in the object store (one copy of the weights, on
+the trainer's node, until the update ends) and passes their references in one call; the actor
+fetches and applies them one chunk at a time through `NativeEngine.update_weights`, so the update
+stays validated and all or nothing. The actor is named `posttrain-engine-<id>` (visible in
+`ray list actors`); the controller, not Ray, restarts it (`max_restarts=0`).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from posttrain.models.sampling import SamplingParams
+from posttrain.rollout.engine import RolloutBatch
+from posttrain.rollout.process_engine import DTYPES, START_TIMEOUT_S, EngineDied, chunks
+
+NAME_PREFIX = "posttrain-engine-"
+
+
+class EngineActor:
+    """Runs in the actor process: the engine and the methods the client calls."""
+
+    def __init__(self, model_dir: str, dtype: str, lm_head_fp32: bool, threads: int):
+        from transformers import AutoTokenizer
+
+        from posttrain.models.hf import load_hf
+        from posttrain.rollout.native import NativeEngine
+
+        torch.set_num_threads(threads)
+        self.engine = NativeEngine(load_hf(model_dir, dtype=DTYPES[dtype]), AutoTokenizer.from_pretrained(model_dir),
+                                   lm_head_fp32=lm_head_fp32)
+
+    def info(self) -> tuple[int, int, int]:
+        """(pad id, policy version, the actor's pid)."""
+        return self.engine.pad_id, self.engine.policy_version, os.getpid()
+
+    def call(self, method: str, *args: Any) -> tuple[Any, int]:
+        return getattr(self.engine, method)(*args), self.engine.policy_version
+
+    def update_weights(self, refs: list[ray.ObjectRef], version: int | None) -> tuple[None, int]:
+        def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+            for ref in refs:
+                yield from ray.get(ref)
+
+        self.engine.update_weights(tensors(), version=version)
+        return None, self.engine.policy_version
+
+
+def actor_options(placement: str, cpus: float) -> dict[str, Any]:
+    """Ray options of the engine actor for `placement` (see the module doc)."""
+    options: dict[str, Any] = {"name": NAME_PREFIX + uuid.uuid4().hex[:12], "max_restarts": 0,
+                               "max_task_retries": 0}
+    if placement == "colocated":
+        node = ray.get_runtime_context().get_node_id()
+        return {**options, "num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+    return {**options, "num_cpus": cpus, "scheduling_strategy": "DEFAULT"}
+
+
+class RayEngine:
+    """The `GenerationEngine` interface over a `NativeEngine` in a Ray actor."""
+
+    def __init__(self, model_dir: str | Path, *, dtype: str = "float32", lm_head_fp32: bool = False,
+                 placement: str = "colocated", cpus: float = 1.0):
+        threads = torch.get_num_threads() if placement == "colocated" else max(1, int(cpus))
+        self._args = (str(model_dir), dtype, lm_head_fp32, threads)
+        self.placement, self.cpus = placement, cpus
+        self.actor, self.pid = None, None
+        self.restarts = -1
+        self.restart()
+
+    def restart(self) -> None:
+        """Kill the current actor (if any) and start a fresh engine from the model directory."""
+        self.close()
+        self.actor = ray.remote(EngineActor).options(**actor_options(self.placement, self.cpus)).remote(*self._args)
+        self.pad_id, self._version, self.pid = self._get(self.actor.info.remote(), timeout=START_TIMEOUT_S)
+        self.restarts += 1
+
+    def close(self) -> None:
+        if self.actor is not None:
+            ray.kill(self.actor, no_restart=True)
+        self.actor = None
+
+    def _get(self, ref: ray.ObjectRef, timeout: float | None = None) -> Any:
+        try:
+            return ray.get(ref, timeout=timeout)
+        except ray.exceptions.RayActorError as err:
+            raise EngineDied(f"the engine actor (pid {self.pid}) died: {err.__class__.__name__}") from None
+        except ray.exceptions.RayTaskError as err:
+            cause = err.cause
+            raise (ValueError if isinstance(cause, ValueError) else RuntimeError)(str(cause)) from None
+
+    def _call(self, method: str, *args: Any) -> Any:
+        value, self._version = self._get(self.actor.call.remote(method, *args))
+        return value
+
+    @property
+    def policy_version(self) -> int:
+        return self._version
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, n: int = 1, seed: int = 0,
+                 prompt_index: Sequence[int] | None = None) -> RolloutBatch:
+        return self._call("generate", prompt_ids, sampling, n, seed, None if prompt_index is None else list(prompt_index))
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> None:
+        refs = [ray.put(chunk) for chunk in chunks(named_tensors)]
+        try:
+            _, self._version = self._get(self.actor.update_weights.remote(refs, version))
+        finally:
+            del refs  # the object store's copy goes with the last reference
+
+    def sleep(self, level: int = 1) -> None:
+        self._call("sleep", level)
+
+    def wake(self) -> None:
+        self._call("wake")
