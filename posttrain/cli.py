@@ -15,6 +15,8 @@ COMMAND_MODULES = (
     "posttrain.models.cli",
     "posttrain.data.cli",
     "posttrain.recipes.cli",
+    "posttrain.evaluation.cli",
+    "posttrain.pipeline.cli",
 )
 
 

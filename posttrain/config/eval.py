@@ -10,6 +10,12 @@ from posttrain.config.base import FieldError, Section
 from posttrain.config.data import SourceConfig
 
 
+def check_scorer_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+(:[A-Za-z_][A-Za-z0-9_]*)?", value):
+        raise ValueError(f"expected a scorer name like 'gsm8k' or package.module:function, got {value!r}")
+    return value
+
+
 class EvalConfig(Section):
     sources: list[SourceConfig] = Field(default_factory=list)
     """Held-out datasets, rendered with the `data:` settings (template, masking, max_length)."""
@@ -25,7 +31,8 @@ class EvalConfig(Section):
     """Cap on held-out samples (loss and generation)."""
 
     scorer: str | None = None
-    """Generation scorer name (e.g. `gsm8k`); null scores held-out loss only."""
+    """Generation scorer: a name (e.g. `gsm8k`) or `package.module:function` taking
+    `(response, reference) -> {metric: value}`; null scores held-out loss only."""
 
     max_new_tokens: int = Field(default=256, ge=1)
 
@@ -36,9 +43,7 @@ class EvalConfig(Section):
     @field_validator("scorer")
     @classmethod
     def _check_scorer(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[A-Za-z0-9_.\-]+", value):
-            raise ValueError(f"expected a scorer name like 'gsm8k', got {value!r}")
-        return value
+        return None if value is None else check_scorer_name(value)
 
     @property
     def enabled(self) -> bool:

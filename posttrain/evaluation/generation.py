@@ -39,6 +39,56 @@ def held_out_prompts(sources: list[SourceConfig], max_samples: int | None) -> li
     return prompts
 
 
+def scored_generations(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[HeldOutPrompt],
+    scorer: str,
+    *,
+    max_new_tokens: int,
+    repetition_penalty: float = 1.0,
+    temperature: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[dict]:
+    """Answers to `prompts` (greedy at temperature 0, else sampled with `seed`), one record each:
+    the prompt's last message, the answer, the reference, the scorer's metrics, the answer's
+    token count and why it ended ("stop" or "length")."""
+    score = get_scorer(scorer)
+    renderer = ChatRenderer(tokenizer)
+
+    def render(messages: list[dict]) -> list[int]:
+        return renderer.render_prompt(PromptExample(messages)).input_ids
+
+    samples: list[dict] = []
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        out = generate(model, tokenizer, [p.messages for p in chunk], max_new_tokens=max_new_tokens, render=render,
+                       temperature=temperature, repetition_penalty=repetition_penalty, seed=seed,
+                       prompt_index=range(start, start + len(chunk)))
+        for prompt, text, ids, finish in zip(chunk, out.texts, out.token_ids, out.finish_reasons):
+            samples.append({"prompt": prompt.messages[-1]["content"], "response": text,
+                            "reference": prompt.reference, **score(text, prompt.reference),
+                            "response_tokens": len(ids), "finish_reason": finish})
+    model.train(was_training)
+    return samples
+
+
+def score_means(samples: list[dict], keys: list[str] | None = None) -> dict[str, float]:
+    """The mean of every numeric metric of the records (`keys`: only those)."""
+    if not samples:
+        return {}
+    names = keys or [k for k, v in samples[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return {k: sum(float(s[k]) for s in samples) / len(samples) for k in names}
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
 def generation_scores(
     model: nn.Module,
     tokenizer,
@@ -56,29 +106,13 @@ def generation_scores(
     With `samples_path`, every prompt's last message, the answer, the reference and the scores are
     written there as JSONL, so a metric can be read next to the text behind it.
     """
-    score = get_scorer(scorer)
-    renderer = ChatRenderer(tokenizer)
-
-    def render(messages: list[dict]) -> list[int]:
-        return renderer.render_prompt(PromptExample(messages)).input_ids
-
-    samples: list[dict] = []
-    scores: list[dict[str, float]] = []
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        out = generate(model, tokenizer, [p.messages for p in chunk], max_new_tokens=max_new_tokens, render=render,
-                       temperature=0.0, repetition_penalty=repetition_penalty)
-        for prompt, text in zip(chunk, out.texts):
-            scores.append(score(text, prompt.reference))
-            samples.append({"prompt": prompt.messages[-1]["content"], "response": text,
-                            "reference": prompt.reference, **scores[-1]})
-    model.train(was_training)
+    samples = scored_generations(model, tokenizer, prompts, scorer, max_new_tokens=max_new_tokens,
+                                 repetition_penalty=repetition_penalty, batch_size=batch_size)
     if samples_path is not None:
-        samples_path.parent.mkdir(parents=True, exist_ok=True)
-        samples_path.write_text("".join(json.dumps(s) + "\n" for s in samples))
-    return {key: sum(s[key] for s in scores) / len(scores) for key in (scores[0] if scores else {})}
+        write_jsonl(samples_path, samples)
+    metrics = [k for k in (samples[0] if samples else {}) if k not in
+               ("prompt", "response", "reference", "response_tokens", "finish_reason")]
+    return score_means(samples, metrics)
 
 
 class GenerationEvaluator:

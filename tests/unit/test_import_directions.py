@@ -23,6 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "rl": {"config", "data", "models", "ops", "parallel", "rollout", "train", "evaluation", "cluster"},
     "recipes": {"config", "data", "models", "ops", "parallel", "tracking", "cluster", "train", "rollout",
                 "evaluation", "rl"},
+    "pipeline": {"config", "cluster", "evaluation", "recipes"},
 }
 ENTRY_POINTS = {"cli", "__main__", "__init__", "demo", "demo_task"}  # may import anything
 

@@ -20,6 +20,16 @@ SCORERS: dict[str, Scorer] = {
 
 
 def get_scorer(name: str) -> Scorer:
+    """A built-in scorer by name, or your own as `package.module:function` (imported, never eval'd)."""
+    if ":" in name:
+        import importlib
+
+        module, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"scorer {name!r}: cannot import {attr!r} from {module!r} ({err})") from None
     if name not in SCORERS:
-        raise ValueError(f"unknown scorer {name!r}; available: {', '.join(sorted(SCORERS))}")
+        raise ValueError(f"unknown scorer {name!r}; available: {', '.join(sorted(SCORERS))} "
+                         "(or package.module:function)")
     return SCORERS[name]
