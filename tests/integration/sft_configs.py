@@ -26,8 +26,8 @@ def write_config(path: Path, model_dir: Path, task_dir: Path, run_root: Path, *,
     """Write a YAML SFT config; each keyword updates (dict) or replaces (other) a section."""
     source = {"path": str(task_dir / "train.jsonl"), "fields": {"question": "user", "answer": "assistant"}}
     cfg = recipe_config(model_dir, run_root, data={"sources": [source]},
-                        train={"steps": steps, "warmup_steps": 1, "grad_accum": 2}, **sections)
-    path.write_text(yaml.safe_dump(cfg))
+                        train={"steps": steps, "warmup_steps": 1, "grad_accum": 2})
+    path.write_text(yaml.safe_dump(merge_sections(cfg, sections)))
     return path
 
 
