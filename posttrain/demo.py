@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"held-out loss: {before['eval/loss']:.3f} -> {after['loss']:.3f}")
     print(f"run directory: {result.run_dir} (config.yaml, metrics.jsonl, tb/, checkpoints/)")
     print(f"exported model: {result.export_dir} (loads with transformers.AutoModelForCausalLM)")
+    print("next, the same task as a workflow (SFT -> GRPO with the addition reward -> eval):")
+    print("  posttrain pipeline configs/pipeline_demo.yaml")
     return 0
 
 

@@ -12,7 +12,8 @@ from posttrain.config.grpo import GRPOConfig
 from posttrain.demo_task import write_task
 
 REPO = Path(__file__).resolve().parents[3]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+PIPELINES = sorted((REPO / "configs").glob("pipeline_*.yaml"))
+CONFIGS = sorted(set((REPO / "configs").glob("*.yaml")) - set(PIPELINES))
 HH_PAIRS = REPO.parent / "shared" / "data" / "hh_harmless_pairs.jsonl.gz"
 
 
@@ -50,3 +51,25 @@ def test_hh_config_says_how_to_get_the_data():
     assert "../shared" not in text
     assert "path: data/hh_harmless_train.jsonl.gz" in text and "path: data/hh_harmless_test.jsonl.gz" in text
     assert "hh-rlhf/master/harmless-base/$s.jsonl.gz" in text
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=[p.name for p in PIPELINES])
+def test_pipeline_validates_every_stage(path, tmp_path, monkeypatch, gsm8k_path):
+    from posttrain.config.loading import load_config as load
+    from posttrain.config.pipeline import PipelineConfig
+    from posttrain.pipeline.plan import plan
+
+    monkeypatch.chdir(REPO)
+    train, held_out = write_task(tmp_path)
+    if "gsm8k" in path.name:
+        train = held_out = gsm8k_path
+    pipeline = load(path, [f"output_dir={tmp_path / 'runs'}"], PipelineConfig)
+    data = [f"data.sources.0.path={train}", f"eval.sources.0.path={held_out}"]
+    for stage in pipeline.stages:
+        if stage.recipe == "eval":
+            stage.config["sources"][0]["path"] = str(held_out)
+        else:
+            stage.overrides = [*stage.overrides, *data]
+    stages = plan(pipeline, path.parent)
+    assert [s.recipe for s in stages] == ["sft", "grpo", "eval"]
+    assert stages[1].refs == ["sft"] and stages[2].refs == ["grpo"]
