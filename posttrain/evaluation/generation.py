@@ -89,25 +89,12 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def generation_scores(
-    model: nn.Module,
-    tokenizer,
-    prompts: list[HeldOutPrompt],
-    scorer: str,
-    *,
-    max_new_tokens: int,
-    repetition_penalty: float = 1.0,
-    batch_size: int = 16,
-    samples_path: Path | None = None,
-) -> dict[str, float]:
-    """Greedy answers to `prompts` (with an optional repetition penalty), scored; returns the mean
-    of each scorer metric.
-
-    With `samples_path`, every prompt's last message, the answer, the reference and the scores are
-    written there as JSONL, so a metric can be read next to the text behind it.
-    """
-    samples = scored_generations(model, tokenizer, prompts, scorer, max_new_tokens=max_new_tokens,
-                                 repetition_penalty=repetition_penalty, batch_size=batch_size)
+def generation_scores(model: nn.Module, tokenizer, prompts: list[HeldOutPrompt], scorer: str, *,
+                      samples_path: Path | None = None, **options) -> dict[str, float]:
+    """Answers to `prompts` (`scored_generations`, greedy unless `options` say otherwise), scored;
+    returns the mean of each scorer metric. With `samples_path`, every scored answer is written
+    there as JSONL, so a metric can be read next to the text behind it."""
+    samples = scored_generations(model, tokenizer, prompts, scorer, **options)
     if samples_path is not None:
         write_jsonl(samples_path, samples)
     metrics = [k for k in (samples[0] if samples else {}) if k not in

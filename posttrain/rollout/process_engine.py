@@ -84,7 +84,31 @@ def _serve(conn, model_dir: str, dtype: str, lm_head_fp32: bool) -> None:
             conn.send(("error", (type(err).__name__, str(err))))
 
 
-class ProcessEngine:
+class RemoteEngine:
+    """The `GenerationEngine` calls that only forward to an engine elsewhere (`_call(method, *args)`
+    returns the value and keeps `_version`); subclasses add start-up, `restart` and updates."""
+
+    _version: int
+
+    def _call(self, method: str, *args):
+        raise NotImplementedError
+
+    @property
+    def policy_version(self) -> int:
+        return self._version
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, n: int = 1, seed: int = 0,
+                 prompt_index: Sequence[int] | None = None) -> RolloutBatch:
+        return self._call("generate", prompt_ids, sampling, n, seed, None if prompt_index is None else list(prompt_index))
+
+    def sleep(self, level: int = 1) -> None:
+        self._call("sleep", level)
+
+    def wake(self) -> None:
+        self._call("wake")
+
+
+class ProcessEngine(RemoteEngine):
     """The `GenerationEngine` interface over a `NativeEngine` in its own process."""
 
     def __init__(self, model_dir: str | Path, *, dtype: str = "float32", lm_head_fp32: bool = False):
@@ -126,14 +150,6 @@ class ProcessEngine:
         value, self._version = self._answer()
         return value
 
-    @property
-    def policy_version(self) -> int:
-        return self._version
-
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, n: int = 1, seed: int = 0,
-                 prompt_index: Sequence[int] | None = None) -> RolloutBatch:
-        return self._call("generate", prompt_ids, sampling, n, seed, None if prompt_index is None else list(prompt_index))
-
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> None:
         self._send(("update_weights", (version,)))
         try:
@@ -150,9 +166,3 @@ class ProcessEngine:
             raise
         self._send(("end", None))
         _, self._version = self._answer()
-
-    def sleep(self, level: int = 1) -> None:
-        self._call("sleep", level)
-
-    def wake(self) -> None:
-        self._call("wake")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,7 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from posttrain.models.sampling import SamplingParams
-from posttrain.rollout.engine import RolloutBatch
-from posttrain.rollout.process_engine import DTYPES, START_TIMEOUT_S, EngineDied, chunks
+from posttrain.rollout.process_engine import DTYPES, START_TIMEOUT_S, EngineDied, RemoteEngine, chunks
 
 NAME_PREFIX = "posttrain-engine-"
 
@@ -72,7 +70,7 @@ def actor_options(placement: str, cpus: float) -> dict[str, Any]:
     return {**options, "num_cpus": cpus, "scheduling_strategy": "DEFAULT"}
 
 
-class RayEngine:
+class RayEngine(RemoteEngine):
     """The `GenerationEngine` interface over a `NativeEngine` in a Ray actor."""
 
     def __init__(self, model_dir: str | Path, *, dtype: str = "float32", lm_head_fp32: bool = False,
@@ -109,23 +107,9 @@ class RayEngine:
         value, self._version = self._get(self.actor.call.remote(method, *args))
         return value
 
-    @property
-    def policy_version(self) -> int:
-        return self._version
-
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, n: int = 1, seed: int = 0,
-                 prompt_index: Sequence[int] | None = None) -> RolloutBatch:
-        return self._call("generate", prompt_ids, sampling, n, seed, None if prompt_index is None else list(prompt_index))
-
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> None:
         refs = [ray.put(chunk) for chunk in chunks(named_tensors)]
         try:
             _, self._version = self._get(self.actor.update_weights.remote(refs, version))
         finally:
             del refs  # the object store's copy goes with the last reference
-
-    def sleep(self, level: int = 1) -> None:
-        self._call("sleep", level)
-
-    def wake(self) -> None:
-        self._call("wake")

@@ -84,3 +84,17 @@ def skipped_rows(monkeypatch):
     monkeypatch.setattr(SkipWatch, "skipped", recording)
     return errors
 
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """A local Ray instance with 2 CPUs for the module (reused when one is already up)."""
+    import ray
+
+    from posttrain.cluster.ray_runtime import init_ray
+    from posttrain.config.launcher import LauncherConfig
+
+    started = init_ray(LauncherConfig(backend="ray", num_workers=2), num_cpus=2)
+    yield
+    if started:
+        ray.shutdown()

@@ -17,21 +17,12 @@ import torch.distributed as dist
 
 from posttrain.cluster import DistEnv, Worker
 from posttrain.cluster.launch import LaunchError, RestartEvent, launch
-from posttrain.cluster.ray_runtime import init_ray
 from posttrain.cluster.worker_group import WorkerGroup, WorkerGroupError
 from posttrain.config.launcher import LauncherConfig
 
 
 def two_workers(**overrides) -> LauncherConfig:
     return LauncherConfig(backend="ray", num_workers=2, cpus_per_worker=0.5, **overrides)
-
-
-@pytest.fixture(scope="module")
-def ray_instance():
-    started = init_ray(two_workers(), num_cpus=2)
-    yield
-    if started:
-        ray.shutdown()
 
 
 # -- functions the workers run (importable as tests.integration.test_cluster_ray:<name>) -----

@@ -11,15 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from safetensors.torch import load_file
 
 from posttrain.cluster import DistEnv
 from posttrain.cluster.launch import launch
-from posttrain.cluster.ray_runtime import init_ray
 from posttrain.config import SFTConfig, load_config
-from posttrain.config.launcher import LauncherConfig
 from posttrain.recipes.sft import run_sft
 from posttrain.train.trainer import TrainResult
 from posttrain.demo_task import write_task
@@ -33,14 +30,6 @@ def task_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("task")
     write_task(out, train=200, held_out=8)
     return out
-
-
-@pytest.fixture(scope="module")
-def ray_instance():
-    started = init_ray(LauncherConfig(backend="ray", num_workers=2), num_cpus=2)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def sft_recording_pid(cfg: SFTConfig, env: DistEnv, attempt: int) -> TrainResult:

@@ -12,13 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from transformers import AutoTokenizer
 
 from posttrain.cluster.launch import launch
-from posttrain.cluster.ray_runtime import init_ray
-from posttrain.config.launcher import LauncherConfig
 from posttrain.models.hf import load_hf
 from posttrain.recipes.grpo import run_grpo
 from posttrain.rl.rewards.workers import RewardTerm, RewardWorkers
@@ -32,14 +29,6 @@ from tests.unit.rollout.test_process_engine import same
 
 SAMPLED = SamplingParams(temperature=0.9, max_new_tokens=6)
 ON_RAY = {"backend": "ray", "num_workers": 1, "cpus_per_worker": 1}
-
-
-@pytest.fixture(scope="module")
-def ray_instance():
-    started = init_ray(LauncherConfig(backend="ray", num_workers=2), num_cpus=2)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def _wait_gone(pid: int) -> None:
