@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,9 +37,8 @@ def config_from_flags(args: argparse.Namespace) -> dict:
     if args.model is not None:
         data["model"] = {"path": args.model}
     if args.output is not None:
-        out = args.output.rstrip("/")
-        data["output_dir"], _, data["name"] = out.rpartition("/")
-        data["output_dir"] = data["output_dir"] or "."
+        out = Path(args.output)
+        data["output_dir"], data["name"] = str(out.parent), out.name
     return data
 
 
@@ -49,6 +49,8 @@ def _run(args: argparse.Namespace) -> int:
     from posttrain.config.loading import apply_overrides, load_config, validate_config
     from posttrain.evaluation.standalone import run_eval, summary_table
 
+    if args.config and "=" in args.config and not Path(args.config).exists():
+        args.overrides, args.config = [args.config, *args.overrides], None  # flags then overrides, no file
     if args.config:
         cfg = load_config(args.config, args.overrides, EvaluateConfig)
     else:

@@ -9,8 +9,8 @@ For each stage the runner decides, before anything runs:
     run      never started
     rerun    named with `--rerun`, or its inputs changed (an upstream stage was rerun and exported
              something else): its folder is removed and it runs from the start
-    changed  its config changed since it ran and it was not named with `--rerun`: an error,
-             reported for every such stage before anything runs
+    changed  its config changed since it ran (or its folder exists without a record) and it was
+             not named with `--rerun`: an error, reported for every such stage before anything runs
 
 A stage that stops (a signal) stops the pipeline; the next run resumes it.
 """
@@ -80,6 +80,9 @@ def decide(stages: list[PlannedStage], state: PipelineState, rerun: set[str]) ->
         upstream_runs = [r for r in stage.refs if r in runs]
         if stage.name in rerun:
             decision = Decision(stage, "rerun", "asked with --rerun")
+        elif record is None and stage.run_dir.exists():
+            decision = Decision(stage, "changed", f"its folder {stage.run_dir} exists but {STATE_FILE} has no "
+                                "record of it")
         elif record is None:
             decision = Decision(stage, "run", "not run yet")
         elif record.get("fingerprint") != stage.fingerprint:
@@ -115,10 +118,10 @@ def load_pipeline(path: str | Path, overrides: list[str], rerun: list[str]) -> t
     if unknown:
         raise ConfigError(f"--rerun {', '.join(unknown)}: no such stage (stages: {', '.join(s.name for s in stages)})")
     decisions = decide(stages, state, set(rerun))
-    changed = [d.stage.name for d in decisions if d.action == "changed"]
+    changed = [d for d in decisions if d.action == "changed"]
     if changed:
-        raise ConfigError("\n".join(f"stage {n!r}: its config changed since it ran ({state.path}); rerun it "
-                                    f"with --rerun {n}, or restore its config" for n in changed))
+        raise ConfigError("\n".join(f"stage {d.stage.name!r}: {d.why} ({state.path}); run it again from the "
+                                    f"start with --rerun {d.stage.name}, or restore its config" for d in changed))
     return decisions, state
 
 

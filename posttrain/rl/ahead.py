@@ -53,8 +53,10 @@ class RolloutAhead:
         self._generate = generate
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="posttrain-rollout-ahead")
         self._future: Future | None = None
+        self._token = 0  # numbers the rollouts started, so a rewind knows whether one is its own
         self._prompts_before: dict | None = None  # the prompt stream before the rollout in flight drew
         self._ready: Produced | None = None  # waited for by a checkpoint, or restored from one
+        self._held: Produced | None = None  # taken by the step being made, not handed out yet
         self._thread = threading.local()
 
     def in_background(self) -> bool:
@@ -66,36 +68,78 @@ class RolloutAhead:
 
     def start(self, stats: RolloutStats, version: int, prompts_before: dict) -> None:
         self._prompts_before = prompts_before
+        self._token += 1
         self._future = self._executor.submit(self._run, stats, version)
 
-    def take(self, regenerate: Callable[[dict], Produced]) -> Produced | None:
-        """The rollout made ahead (None before the first one started). If the engine died while
-        making it, `regenerate(prompts_before)` makes it again."""
-        if self._ready is not None:
-            ready, self._ready = self._ready, None
-            return ready
-        if self._future is None:
-            return None
-        future, self._future = self._future, None
+    def _join(self, regenerate: Callable[[dict], Produced]) -> Produced:
+        """The rollout in flight, once done (the future stays referenced until then, so a stop
+        signal while waiting leaves it in flight)."""
         try:
-            return future.result()
+            produced = self._future.result()
         except EngineDied:
+            self._future = None
             return regenerate(self._prompts_before)
+        self._future = None
+        return produced
+
+    def take(self, regenerate: Callable[[dict], Produced]) -> Produced | None:
+        """The rollout made ahead (None before the first one started); held until `release()`. If
+        the engine died while making it, `regenerate(prompts_before)` makes it again."""
+        if self._ready is None and self._future is None:
+            return None
+        produced = self._ready if self._ready is not None else self._join(regenerate)
+        self._ready, self._held = None, produced
+        return produced
+
+    def hold(self, produced: Produced) -> None:
+        """A rollout made on the trainer's thread, held like a taken one."""
+        self._held = produced
+
+    def release(self) -> None:
+        """The step that took the held rollout was handed out."""
+        self._held = None
 
     def state(self, join: bool, regenerate: Callable[[dict], Produced]) -> dict[str, Any]:
         """{"prompts": the stream before a rollout in flight (None: none in flight), "ready": a
-        finished rollout not yet taken}; `join` waits for the one in flight first."""
+        finished rollout not yet taken, "token": the one in flight}; `join` waits for it first."""
         if join and self._future is not None:
-            self._ready = self.take(regenerate)
+            self._ready = self._join(regenerate)
         in_flight = self._future is not None
         return {"prompts": self._prompts_before if in_flight else None,
-                "ready": None if self._ready is None else self._ready.to_dict()}
+                "ready": None if self._ready is None else self._ready.to_dict(),
+                "token": self._token if in_flight else None, "owner": id(self)}
 
     def restore(self, ready: dict | None) -> None:
-        """Drop any rollout in flight (its thread ends on its own; the result is ignored)."""
-        self._future = None
+        """State from a checkpoint (a fresh controller: nothing in flight)."""
+        self._drop()
         self._ready = None if ready is None else Produced.from_dict(ready)
 
-    def close(self) -> None:
+    def rewind(self, token: int | None) -> tuple[bool, dict | None]:
+        """Back to a `position()` of this process: the rollout that was in flight then stays in
+        flight (or, taken since, becomes ready again); one started since is dropped, after its
+        thread ends. Returns (whether the position's prompt stream is still the one to restore,
+        else the stream to restore instead, or None to leave it as it is)."""
+        own_in_flight = self._future is not None and token == self._token
+        dropped = None
+        if self._future is not None and not own_in_flight:
+            dropped = self._prompts_before
+            self._drop()
+        if self._held is not None:
+            self._ready, self._held = self._held, None
+        kept = own_in_flight or self._ready is not None
+        return (not kept and dropped is None), dropped
+
+    def _drop(self) -> None:
+        """Wait for a rollout in flight to end and forget it (its draws are undone by the caller)."""
+        if self._future is not None:
+            self._future.cancel()
+            try:
+                self._future.result()
+            except BaseException:  # noqa: BLE001 - a dropped rollout's failure does not matter
+                pass
         self._future = None
-        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        """Wait for a rollout in flight to end (close the engine first, so it ends soon)."""
+        self._drop()
+        self._executor.shutdown(wait=True)

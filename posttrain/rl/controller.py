@@ -16,7 +16,9 @@ makes a new one:
               token's log-prob before the first update (`old_logprobs`)
 
 The rollout is split by groups into `minibatches` steps, repeated `epochs` times. What remains of
-a rollout is part of `state_dict()`, so a resumed run continues with the same samples.
+a rollout is part of `state_dict()`, so a resumed run continues with the same samples. With
+`overlap` (rollout.async) the next rollout's draw/generate/reward/advantages run in a background
+thread while the trainer updates (`rl/ahead.py`); the collective part runs when it is taken.
 """
 
 from __future__ import annotations
@@ -131,8 +133,11 @@ class RolloutController:
         rows = pack(samples, self.plan.row_length, seed=self.version)
         self._stats["rollout/policy_lag"] = float(self.version - self._rollout_version)
         self.version += 1
-        return micro_batches(rows, rows_per_batch=self.plan.rows_per_batch, row_length=self.plan.row_length,
-                             pad_id=self.pad_id, field_names=self.fields, group=self.dp.group, device=self.device)
+        batches = micro_batches(rows, rows_per_batch=self.plan.rows_per_batch, row_length=self.plan.row_length,
+                                pad_id=self.pad_id, field_names=self.fields, group=self.dp.group, device=self.device)
+        if self.ahead is not None:
+            self.ahead.release()  # the step is out: a rewind from here on is the trainer's, not ours
+        return batches
 
     def step_metrics(self) -> dict[str, float]:
         """The rollout's metrics, reported once, with the first step it feeds."""
@@ -150,43 +155,56 @@ class RolloutController:
 
     def _state(self, join: bool) -> dict[str, Any]:
         ahead = self.ahead.state(join, self._regenerate) if self.ahead is not None else {}
-        return {"prompts": ahead.get("prompts") or self.prompts.snapshot(), "version": self.version,
-                "rollouts": self.rollouts, "rollout_version": self._rollout_version,
-                "pending": [[s.to_dict() for s in step] for step in self._pending], "ahead": ahead.get("ready")}
+        state = {"prompts": ahead.get("prompts") or self.prompts.snapshot(), "version": self.version,
+                 "rollouts": self.rollouts, "rollout_version": self._rollout_version,
+                 "pending": [[s.to_dict() for s in step] for step in self._pending], "ahead": ahead.get("ready")}
+        if not join and self.ahead is not None:  # a rewind point of this process, never saved
+            state.update(ahead_token=ahead["token"], ahead_owner=ahead["owner"])
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.prompts.restore(state["prompts"])
-        self.version, self.rollouts = int(state["version"]), int(state["rollouts"])
-        self._rollout_version = int(state["rollout_version"])
-        self._pending = [[Sample.from_dict(s) for s in step] for step in state["pending"]]
-        self._synced = None
-        if self.ahead is not None:
+        prompts = state["prompts"]
+        if self.ahead is not None and state.get("ahead_owner") == id(self.ahead):
+            restore_position, instead = self.ahead.rewind(state.get("ahead_token"))
+            prompts = prompts if restore_position else instead
+        elif self.ahead is not None:
             self.ahead.restore(state.get("ahead"))
         elif state.get("ahead") is not None:
             raise ValueError("the checkpoint holds a rollout generated ahead (rollout.async: true); "
                              "resume it with rollout.async: true")
+        if prompts is not None:
+            self.prompts.restore(prompts)
+        self.version, self.rollouts = int(state["version"]), int(state["rollouts"])
+        self._rollout_version = int(state["rollout_version"])
+        self._pending = [[Sample.from_dict(s) for s in step] for step in state["pending"]]
+        self._synced = None
 
     def close(self) -> None:
+        if hasattr(self.engine, "close"):
+            self.engine.close()  # first: a rollout in flight then ends at once
         if self.ahead is not None:
             self.ahead.close()
         self.rewards.close()
-        if hasattr(self.engine, "close"):
-            self.engine.close()
 
     # ---- one rollout -------------------------------------------------------------------------------
 
     def _rollout(self) -> bool:
         """Make the next rollout's steps (none when it left no sample); False once prompts ran out.
-        With `overlap` the rollout generated ahead is taken and the next one started."""
+        With `overlap` the rollout generated ahead is taken, and once its steps are made the next
+        one starts (held until the step is handed out, so a rewind can give it back)."""
         started = time.perf_counter()
         produced = self.ahead.take(self._regenerate) if self.ahead is not None else None
         if produced is None:
             produced = self._produce_now()
+            if self.ahead is not None:
+                self.ahead.hold(produced)
+        if not self._finish(produced, started):
+            return False
         if self.ahead is not None:
             stats = RolloutStats()
             self._sync(stats)  # on this thread: gathering sharded weights is collective
             self.ahead.start(stats, self.version, self.prompts.snapshot())
-        return self._finish(produced, started)
+        return True
 
     def _produce_now(self) -> Produced:
         stats = RolloutStats()
@@ -241,6 +259,10 @@ class RolloutController:
             self._synced = self.version
 
     def _restart_engine(self) -> None:
+        if self.dp.size > 1:
+            raise RuntimeError("the engine died on one of several data-parallel ranks: pushing the weights to a "
+                               "fresh one gathers them collectively, which this rank cannot do alone; the run "
+                               "fails here and launcher.max_restarts restarts the group from its newest checkpoint")
         self.engine.restart()
         self.engine_restarts += 1
         self._synced = None

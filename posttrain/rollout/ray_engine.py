@@ -86,7 +86,12 @@ class RayEngine(RemoteEngine):
         """Kill the current actor (if any) and start a fresh engine from the model directory."""
         self.close()
         self.actor = ray.remote(EngineActor).options(**actor_options(self.placement, self.cpus)).remote(*self._args)
-        self.pad_id, self._version, self.pid = self._get(self.actor.info.remote(), timeout=START_TIMEOUT_S)
+        try:
+            self.pad_id, self._version, self.pid = self._get(self.actor.info.remote(), timeout=START_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise RuntimeError(f"the engine actor did not start within {START_TIMEOUT_S} s (placement "
+                               f"{self.placement}, rollout.cpus {self.cpus}: does the cluster have them free?)") from None
         self.restarts += 1
 
     def close(self) -> None:

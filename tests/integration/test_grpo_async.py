@@ -1,7 +1,8 @@
 """`rollout.async`: the next rollout generates while the trainer updates. Steps after the first
 train on samples one policy version old (logged, and visible in the mismatch metrics), a resumed
 run trains on exactly what an uninterrupted one does, and an engine that dies while generating
-ahead is restarted and the rollout made again."""
+ahead is restarted and the rollout made again; a stop while the trainer waits for the rollout
+ahead keeps it, so the resumed run is exact too."""
 
 from __future__ import annotations
 
@@ -39,6 +40,20 @@ def test_resume_with_a_rollout_in_flight_is_exact(model_dir, task_dir, tmp_path,
     a = load_file(Path(whole.export_dir) / "model.safetensors")
     b = load_file(Path(second.export_dir) / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stop_while_waiting_for_the_rollout_ahead_resumes_exactly(model_dir, task_dir, tmp_path, monkeypatch,
+                                                                    one_thread):
+    sections = {**ASYNC, "rewards": [{"fn": "tests.unit.rl.reward_fixtures:signal_and_go_on_second_call"}],
+                "checkpoint": {"resume": "auto"}}
+    monkeypatch.setenv("POSTTRAIN_TEST_REWARD_CALLS", "0")
+    stopped = run_for(model_dir, task_dir, tmp_path / "split", 4, **sections)
+    assert stopped.status == "stopped" and stopped.steps == 1  # stopped in step 2's wait for its rollout
+    monkeypatch.setenv("POSTTRAIN_TEST_REWARD_CALLS", "5")  # no more signals
+    resumed = run_for(model_dir, task_dir, tmp_path / "split", 4, **sections)
+    monkeypatch.setenv("POSTTRAIN_TEST_REWARD_CALLS", "5")
+    whole = run_for(model_dir, task_dir, tmp_path / "whole", 4, **sections)
+    assert resumed.steps == 4 and resumed.losses == whole.losses[1:]
 
 
 def test_engine_dying_while_generating_ahead(model_dir, task_dir, tmp_path, monkeypatch, one_thread):

@@ -121,12 +121,15 @@ def test_every_stage_error_is_reported_before_anything_runs(tiny_checkpoints, ta
     with pytest.raises(ConfigError, match="--rerun nope: no such stage"):
         load_pipeline(config, [], ["nope"])
     assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs" / "pipe" / "grpo").mkdir(parents=True)  # a folder pipeline.json knows nothing of
+    with pytest.raises(ConfigError, match="stage 'grpo': its folder .* exists but pipeline.json has no record"):
+        load_pipeline(config, [], [])
 
 
 def test_eval_command_writes_samples_and_a_summary(tiny_checkpoints, task_dir, tmp_path):
     done = run_cli("eval", "--model", str(tiny_checkpoints["llama"]), "--data", str(task_dir / "held_out.jsonl"),
-                   "--fields", "question=user,answer=assistant", "--scorer", "addition", "--n", "3",
-                   "--max-new-tokens", "6", "--output", str(tmp_path / "ev"))
+                   "--fields", "question=user,answer=assistant", "--scorer", "addition",
+                   "--max-new-tokens", "6", "--output", str(tmp_path / "ev"), "max_samples=3")
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["samples"] == 3 and 0 <= summary["score/correct"] <= 1

@@ -148,8 +148,15 @@ class RewardWorkers:
         size = -(-len(batch) // len(self._workers))
         parts = [(w, list(range(i * size, min(len(batch), (i + 1) * size)))) for i, w in enumerate(self._workers)]
         parts = [(w, idx) for w, idx in parts if idx]
-        for worker, idx in parts:
-            worker.send((term.fn, term.kwargs, _subset(batch, idx)))
+        sent: list = []
+        try:
+            for worker, idx in parts:
+                worker.send((term.fn, term.kwargs, _subset(batch, idx)))
+                sent.append(worker)
+        except Exception:
+            for worker in sent:  # their replies would be read as the next call's: start them afresh
+                worker.stop()
+            raise
         deadline = time.monotonic() + self.timeout_s
         rows, failure = [], None
         for worker, _ in parts:  # collect every part (a failed one is restarted) before raising

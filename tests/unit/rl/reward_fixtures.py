@@ -81,3 +81,17 @@ def kill_ray_engine_on_second_call(prompts, completions, references, metadata):
                     continue  # an engine of an earlier run, already gone
                 os.kill(pid, signal.SIGKILL)
     return [float(len(c) % 2) for c in completions]
+
+
+def signal_and_go_on_second_call(prompts, completions, references, metadata, delay=3.0):
+    """The second scoring (a rollout generated ahead, in its thread) waits `delay` seconds, sends
+    this process SIGTERM and returns: the trainer is then waiting for that rollout."""
+    import os
+    import signal
+
+    count = int(os.environ.get("POSTTRAIN_TEST_REWARD_CALLS", "0")) + 1
+    os.environ["POSTTRAIN_TEST_REWARD_CALLS"] = str(count)
+    if count == 2:
+        time.sleep(delay)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return [float(len(c) % 2) for c in completions]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from posttrain.data.batch import IGNORE_INDEX
@@ -95,3 +96,20 @@ def test_split_keeps_groups_whole():
     groups = [[f"g{i}a", f"g{i}b"] for i in range(5)]
     parts = split(groups, 2)
     assert parts == [["g0a", "g0b", "g1a", "g1b"], ["g2a", "g2b", "g3a", "g3b", "g4a", "g4b"]]
+
+
+def test_a_dead_engine_on_one_of_several_ranks_fails_the_step():
+    """Re-syncing a fresh engine gathers sharded weights collectively: one rank cannot do it alone."""
+    from posttrain.rollout.process_engine import EngineDied
+
+    ctrl = RolloutController(RolloutPlan(prompts_per_step=2, n=2, sampling=SamplingParams(max_new_tokens=3), seed=0,
+                                         advantage="grpo"),
+                             prompts=None, engine=ScriptedEngine(), rewards=None, policy=None,
+                             dp=DataParallel(0, 2), device=torch.device("cpu"), pad_id=0)
+
+    def died():
+        raise EngineDied("gone")
+
+    with pytest.raises(RuntimeError, match="several data-parallel ranks") as err:
+        ctrl._engine(RolloutStats(), died)
+    assert not isinstance(err.value, EngineDied)
