@@ -55,13 +55,13 @@ def run_eval(cfg: EvaluateConfig) -> dict:
     return summary
 
 
-def summary_table(rows: dict[str, dict], title: str):
-    """A rich table: one row per name, one column per summary key that any row has."""
+def summary_table(rows: dict[str, dict], title: str, first: str = ""):
+    """A rich table: one row per name (column `first`), one column per summary key any row has."""
     from rich.table import Table
 
     keys = [k for k in dict.fromkeys(k for r in rows.values() for k in r) if k not in ("model", "scorer")]
     table = Table(title=title)
-    table.add_column("")
+    table.add_column(first)
     for key in keys:
         table.add_column(key, justify="right")
     for name, row in rows.items():

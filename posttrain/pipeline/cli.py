@@ -43,7 +43,8 @@ def _summary_rows(state) -> dict[str, dict]:
     for name, record in state.stages.items():
         row = {"recipe": record.get("recipe"), "status": record.get("status"), "seconds": record.get("seconds")}
         summary = record.get("summary") or {}
-        row.update({k: v for k, v in summary.items() if isinstance(v, (int, float)) and k != "seconds"})
+        row.update({k.removeprefix("score/"): v for k, v in summary.items()  # eval's score/correct = correct
+                    if isinstance(v, (int, float)) and k != "seconds"})
         rows[name] = row
     return rows
 
@@ -60,6 +61,6 @@ def _run(args: argparse.Namespace) -> int:
     if args.plan:
         return 0
     status = run_pipeline(decisions, state)
-    console.print(summary_table(_summary_rows(state), f"pipeline {status}"))
+    console.print(summary_table(_summary_rows(state), f"pipeline {status}", "stage"))
     print(json.dumps({"status": status, "state": str(state.path)}))
     return 0

@@ -9,8 +9,9 @@ For each stage the runner decides, before anything runs:
     run      never started
     rerun    named with `--rerun`, or its inputs changed (an upstream stage was rerun and exported
              something else): its folder is removed and it runs from the start
-    changed  its config changed since it ran (or its folder exists without a record) and it was
-             not named with `--rerun`: an error, reported for every such stage before anything runs
+    changed  its config changed since it ran, its folder exists without a record, or it finished
+             but its export is missing or incomplete, and it was not named with `--rerun`: an
+             error naming the stage, reported for every such stage before anything runs
 
 A stage that stops (a signal) stops the pipeline; the next run resumes it.
 """
@@ -92,7 +93,8 @@ def decide(stages: list[PlannedStage], state: PipelineState, rerun: set[str]) ->
         elif record.get("status") in DONE and _complete(stage, record):
             decision = Decision(stage, "skip", "finished")
         elif record.get("status") in DONE:
-            decision = Decision(stage, "rerun", "its export is missing or incomplete")
+            what = stage.export or stage.run_dir / "summary.json"
+            decision = Decision(stage, "changed", f"it finished, but its output {what} is missing or incomplete")
         else:
             decision = Decision(stage, "resume", f"{record.get('status')}: resumes from its newest checkpoint")
         if decision.action != "skip":

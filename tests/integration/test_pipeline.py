@@ -103,6 +103,9 @@ def test_killed_pipeline_resumes_its_second_stage_and_ends_like_an_uninterrupted
     assert [d.action for d in decisions] == ["rerun", "rerun", "rerun", "rerun"]
     decisions, _ = load_pipeline(config, [], [])
     assert [d.action for d in decisions] == ["skip"] * 4
+    (split_root / "pipe" / "grpo" / "export" / "SHA256SUMS").unlink()  # an export no longer complete
+    with pytest.raises(ConfigError, match="stage 'grpo': it finished, but its output .*export is missing"):
+        load_pipeline(config, [], [])
 
 
 def test_every_stage_error_is_reported_before_anything_runs(tiny_checkpoints, task_dir, tmp_path):
