@@ -305,14 +305,20 @@ def to_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-def save_resolved(cfg: BaseModel, path: str | Path) -> Path:
-    """Write `to_yaml(cfg)` to `path` atomically (temporary file, then rename)."""
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` atomically (a temporary file beside it, then a rename): a reader sees
+    the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(to_yaml(cfg))
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def save_resolved(cfg: BaseModel, path: str | Path) -> Path:
+    """Write `to_yaml(cfg)` to `path` atomically."""
+    return write_text_atomic(path, to_yaml(cfg))
 
 
 def config_hash(cfg: BaseModel, exclude: Iterable[str] = ("checkpoint.resume",)) -> str:
@@ -342,6 +348,7 @@ __all__ = [
     "parse_value",
     "read_yaml",
     "save_resolved",
+    "write_text_atomic",
     "to_yaml",
     "validate_config",
 ]

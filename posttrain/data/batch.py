@@ -74,6 +74,15 @@ class Sample:
                    data.get("group"))
 
 
+def samples_to_dicts(lists: list[list[Sample]]) -> list[list[dict]]:
+    """Lists of samples (rows, groups, steps) as plain JSON-compatible data."""
+    return [[s.to_dict() for s in samples] for samples in lists]
+
+
+def samples_from_dicts(lists: list[list[dict]]) -> list[list[Sample]]:
+    return [[Sample.from_dict(s) for s in samples] for samples in lists]
+
+
 @dataclass
 class PackedBatch:
     input_ids: torch.Tensor  # [B, L] long

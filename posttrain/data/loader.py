@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config.data import DataConfig
-from posttrain.data.batch import PackedBatch, Sample, collate
+from posttrain.data.batch import PackedBatch, Sample, collate, samples_from_dicts, samples_to_dicts
 from posttrain.data.chat import ChatRenderer, Rendered
 from posttrain.data.mixing import Mixer, SourceStream
 from posttrain.data.packing import BestFitPacker, PadPacker, Row, unit_length
@@ -286,9 +286,6 @@ class Pipeline:
 def to_serialisable(snapshot: dict) -> dict:
     """A snapshot as plain JSON-compatible data (samples become dicts)."""
 
-    def rows(rs: list[Row]) -> list[list[dict]]:
-        return [[s.to_dict() for s in r] for r in rs]
-
     packer = snapshot["packer"]
     return {
         **snapshot,
@@ -296,7 +293,7 @@ def to_serialisable(snapshot: dict) -> dict:
             **packer,
             "pending": [[c, a, [s.to_dict() for s in unit]] for c, a, unit in packer["pending"]],
         },
-        "ready": rows(snapshot["ready"]),
+        "ready": samples_to_dicts(snapshot["ready"]),
         "counters": asdict(snapshot["counters"]),
     }
 
@@ -305,9 +302,6 @@ def from_serialisable(state: dict) -> dict:
     if isinstance(state.get("counters"), DataCounters):
         return state  # already a live snapshot
 
-    def rows(rs) -> list[Row]:
-        return [[Sample.from_dict(s) for s in r] for r in rs]
-
     packer = state["packer"]
     return {
         **state,
@@ -315,7 +309,7 @@ def from_serialisable(state: dict) -> dict:
             **packer,
             "pending": [(c, a, [Sample.from_dict(s) for s in unit]) for c, a, unit in packer["pending"]],
         },
-        "ready": rows(state["ready"]),
+        "ready": samples_from_dicts(state["ready"]),
         "counters": DataCounters(**state["counters"]),
     }
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from posttrain.config.evaluate import EvaluateConfig
+from posttrain.config.loading import write_text_atomic
 from posttrain.evaluation.generation import held_out_prompts, score_means, scored_generations, write_jsonl
 from posttrain.models.hf import load_hf
 from posttrain.train.roles import load_tokenizer, resolve_model_dir
@@ -49,9 +50,7 @@ def run_eval(cfg: EvaluateConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     write_jsonl(run_dir / "samples.jsonl", samples)
     summary = summarise(samples, model=str(model_dir), scorer=cfg.scorer, seconds=time.perf_counter() - started)
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(run_dir / "summary.json")
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.config.loading import ConfigError, load_config
+from posttrain.config.loading import ConfigError, load_config, write_text_atomic
 from posttrain.config.pipeline import PipelineConfig
 from posttrain.pipeline.plan import PlannedStage, plan, resolved
 
@@ -52,10 +51,7 @@ class PipelineState:
             self.stages = json.loads(path.read_text())["stages"]
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"stages": self.stages}, indent=2) + "\n")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps({"stages": self.stages}, indent=2) + "\n")
 
     def update(self, name: str, **values: Any) -> None:
         self.stages.setdefault(name, {}).update(values)

@@ -7,8 +7,9 @@ The background thread only draws prompts, talks to the engine and the reward wor
 computes group advantages: nothing collective (weights are gathered and pushed on the trainer's
 thread before it starts; agreeing across ranks, the teacher's and the old log-probs run when the
 rollout is taken). A checkpoint waits for the rollout in flight and stores it (`Produced`), so a
-resumed run trains on exactly what an uninterrupted one would; rewinding a step (a stop signal
-while a rollout is taken) drops the one in flight and restores the prompt stream to before it.
+resumed run trains on exactly what an uninterrupted one would. Rewinding a step in this process
+(a stop signal while the step is made) keeps the rollout that was in flight at the rewind point
+(or gives back the one the step took) and drops one started since, undoing its draws.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from posttrain.data.batch import Sample
+from posttrain.data.batch import Sample, samples_from_dicts, samples_to_dicts
 from posttrain.rl.rollout_metrics import RolloutStats
 from posttrain.rollout.process_engine import EngineDied
 
@@ -35,16 +36,13 @@ class Produced:
     version: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"groups": [[s.to_dict() for s in g] for g in self.groups],
-                "dropped": [[s.to_dict() for s in g] for g in self.dropped],
+        return {"groups": samples_to_dicts(self.groups), "dropped": samples_to_dicts(self.dropped),
                 "stats": asdict(self.stats), "version": self.version}
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> Produced:
-        def groups(key: str) -> list[list[Sample]]:
-            return [[Sample.from_dict(s) for s in g] for g in state[key]]
-
-        return cls(groups("groups"), groups("dropped"), RolloutStats(**state["stats"]), int(state["version"]))
+        return cls(samples_from_dicts(state["groups"]), samples_from_dicts(state["dropped"]),
+                   RolloutStats(**state["stats"]), int(state["version"]))
 
 
 class RolloutAhead:

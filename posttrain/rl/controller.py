@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from posttrain.data.batch import IGNORE_INDEX, PackedBatch, Sample
+from posttrain.data.batch import IGNORE_INDEX, PackedBatch, Sample, samples_from_dicts, samples_to_dicts
 from posttrain.models.sampling import SamplingParams
 from posttrain.parallel.export import iter_hf_tensors_for_sync
 from posttrain.parallel.mesh import DataParallel
@@ -149,15 +149,15 @@ class RolloutController:
         return self._state(join=True)
 
     def position(self) -> dict[str, Any]:
-        """A cheap snapshot for rewinding a step: a rollout still generating ahead is left out (the
-        prompt stream as of before it); restoring it regenerates that rollout."""
+        """A cheap snapshot for rewinding a step: it does not wait for a rollout generating ahead
+        but names it, so a rewind in this process keeps it (`RolloutAhead.rewind`)."""
         return self._state(join=False)
 
     def _state(self, join: bool) -> dict[str, Any]:
         ahead = self.ahead.state(join, self._regenerate) if self.ahead is not None else {}
         state = {"prompts": ahead.get("prompts") or self.prompts.snapshot(), "version": self.version,
                  "rollouts": self.rollouts, "rollout_version": self._rollout_version,
-                 "pending": [[s.to_dict() for s in step] for step in self._pending], "ahead": ahead.get("ready")}
+                 "pending": samples_to_dicts(self._pending), "ahead": ahead.get("ready")}
         if not join and self.ahead is not None:  # a rewind point of this process, never saved
             state.update(ahead_token=ahead["token"], ahead_owner=ahead["owner"])
         return state
@@ -176,7 +176,7 @@ class RolloutController:
             self.prompts.restore(prompts)
         self.version, self.rollouts = int(state["version"]), int(state["rollouts"])
         self._rollout_version = int(state["rollout_version"])
-        self._pending = [[Sample.from_dict(s) for s in step] for step in state["pending"]]
+        self._pending = samples_from_dicts(state["pending"])
         self._synced = None
 
     def close(self) -> None:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from posttrain.config.data import DataConfig, SourceConfig
+from posttrain.config.loading import write_text_atomic
 from posttrain.data.loader import build_loader
 from posttrain.train.preference import check_pairs, document_sums
 from posttrain.train.reference import ReferenceTable, token_logprobs
@@ -111,7 +112,7 @@ class ReferencePass:
             dist.all_reduce(totals)
         if self.rank == 0:
             record = {"pairs_scored": int(totals.item()), "fingerprint": self.directory.name}
-            _write_atomic(self.directory / COMPLETE_FILE, json.dumps(record) + "\n")
+            write_text_atomic(self.directory / COMPLETE_FILE, json.dumps(record) + "\n")
         _barrier()
 
     def _stream(self, s: int, loader, role: FrozenModel, precision: str, chunk_size: int,
@@ -190,11 +191,6 @@ def _barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def stream_configs(data: DataConfig, eval_sources: list[SourceConfig]) -> Iterator[DataConfig]:
