@@ -86,3 +86,26 @@ def test_killed_worker_is_replaced():
     finally:
         workers.close()
     assert isinstance(scores.total, torch.Tensor)
+
+
+class _FakeWorker:
+    def __init__(self, fails: bool):
+        self.fails, self.stopped, self.sent = fails, 0, []
+
+    def send(self, request):
+        if self.fails:
+            raise RuntimeError("could not start")
+        self.sent.append(request)
+
+    def stop(self):
+        self.stopped += 1
+
+
+def test_a_failed_send_stops_the_workers_already_sent_to():
+    """Their replies would otherwise be read as the next call's: they are started afresh instead."""
+    workers = RewardWorkers([RewardTerm("a", "addition")], processes=0)
+    first, second = _FakeWorker(fails=False), _FakeWorker(fails=True)
+    workers._workers = [first, second]
+    with pytest.raises(RuntimeError, match="could not start"):
+        workers._call(workers.terms[0], batch(["1 + 1 = 2", "2"]))
+    assert len(first.sent) == 1 and first.stopped == 1 and second.stopped == 0
