@@ -17,7 +17,7 @@ class StageConfig(Section):
     """The stage's folder under the pipeline's run directory; later stages refer to its exported
     model as `${stages.<name>.export}`."""
 
-    recipe: Literal["sft", "dpo", "grpo", "eval"]
+    recipe: Literal["sft", "dpo", "distill", "grpo", "eval"]
     config: str | dict[str, Any]
     """The stage's recipe config: a YAML file (relative to the pipeline file) or the mapping inline.
     Its `output_dir` and `name` are set by the pipeline; training stages resume automatically."""

@@ -34,17 +34,17 @@ def check_sources_exist(sources: list[SourceConfig], path: str) -> None:
             raise FieldError(f"{path}.{i}.path", f"no such file or directory: {source.path!r}")
 
 
-def model_position_limit(model: ModelConfig) -> int | None:
+def model_position_limit(path: str | None) -> int | None:
     """`max_position_embeddings` from the model's config.json, when the file is at hand.
 
-    Reads only the JSON (no weights). A bundled model that is not imported yet gives None.
+    Reads only the JSON (no weights). A bundled model that is not imported yet, or a model
+    without a path (a distillation student made from its teacher), gives None.
     """
-    if model.is_bundled:
-        from posttrain.models.hub import default_model_dir
+    if path is None:
+        return None
+    from posttrain.models.hub import BUNDLED, default_model_dir
 
-        config_file = default_model_dir(model.path) / "config.json"
-    else:
-        config_file = Path(model.path).expanduser() / "config.json"
+    config_file = (default_model_dir(path) if path in BUNDLED else Path(path).expanduser()) / "config.json"
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError):
@@ -54,6 +54,14 @@ def model_position_limit(model: ModelConfig) -> int | None:
         if isinstance(limit, int) and limit > 0:
             return limit
     return None
+
+
+def check_position_limit(path: str | None, max_length: int) -> None:
+    """`data.max_length` must fit the model at `path` (when its config.json is at hand)."""
+    limit = model_position_limit(path)
+    if limit is not None and max_length > limit:
+        raise FieldError("data.max_length", f"{max_length} is over the model's limit of {limit} positions "
+                         f"(max_position_embeddings in {path}/config.json)")
 
 
 class RecipeConfig(Section):
@@ -105,13 +113,7 @@ class RecipeConfig(Section):
                 "null (train until the data ends) needs data.epochs; with data.epochs: null the "
                 "data never ends, so set train.steps",
             )
-        limit = model_position_limit(self.model)
-        if limit is not None and self.data.max_length > limit:
-            raise FieldError(
-                "data.max_length",
-                f"{self.data.max_length} is over the model's limit of {limit} positions "
-                f"(max_position_embeddings in {self.model.path}/config.json)",
-            )
+        check_position_limit(self.model.path, self.data.max_length)
         check_sources_exist(self.data.sources, "data.sources")
         check_sources_exist(self.eval.sources, "eval.sources")
         return self

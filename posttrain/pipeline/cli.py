@@ -8,7 +8,7 @@ import json
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "pipeline", help="run recipe stages (sft, dpo, grpo, eval) in order, resumably",
+        "pipeline", help="run recipe stages (sft, dpo, distill, grpo, eval) in order, resumably",
         description="Run the stages of a pipeline config in order in one run directory; a rerun skips "
         "finished stages and resumes an interrupted one. Stages refer to earlier exports as "
         "${stages.<name>.export}.")

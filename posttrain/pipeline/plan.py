@@ -28,6 +28,7 @@ REFERENCE = re.compile(r"\$\{stages\.([^}]*)\.export\}")
 CONFIG_CLASSES = {
     "sft": "posttrain.config:SFTConfig",
     "dpo": "posttrain.config.dpo:DPOConfig",
+    "distill": "posttrain.config.distill:DistillConfig",
     "grpo": "posttrain.config.grpo:GRPOConfig",
     "eval": "posttrain.config.evaluate:EvaluateConfig",
 }

@@ -11,6 +11,8 @@ RECIPES = {
     "sft": ("supervised fine-tuning", "posttrain.config:SFTConfig", "posttrain.recipes.sft:run_sft"),
     "dpo": ("preference optimisation (DPO, IPO, hinge, robust, SimPO)", "posttrain.config.dpo:DPOConfig",
             "posttrain.recipes.dpo:run_dpo"),
+    "distill": ("knowledge distillation (forward/reverse KL, JSD; live teacher or top-k table)",
+                "posttrain.config.distill:DistillConfig", "posttrain.recipes.distill:run_distill"),
     "grpo": ("on-policy RL (GRPO, Dr. GRPO, RLOO, GSPO, DAPO options) with verifiable rewards",
              "posttrain.config.grpo:GRPOConfig", "posttrain.recipes.grpo:run_grpo"),
 }

@@ -33,11 +33,8 @@ from posttrain.train.reference import LiveReference
 from posttrain.train.roles import (
     DTYPES,
     FrozenModel,
-    build_frozen,
     build_reference,
-    check_shared_tokenizer,
-    load_tokenizer,
-    resolve_model_dir,
+    build_teacher,
 )
 from posttrain.train.trainer import Evaluator, TrainContext, TrainResult, train
 
@@ -116,13 +113,8 @@ class GRPORecipe:
         return ProcessEngine(ctx.model_dir, dtype=dtype, lm_head_fp32=rollout.lm_head_fp32)
 
     def _teacher(self, ctx: TrainContext) -> FrozenModel:
-        """The distillation teacher: its tokenizer checked against the policy's before its weights load."""
-        role = self.cfg.teacher
-        teacher_dir = resolve_model_dir(role.path)
-        check_shared_tokenizer(ctx.tokenizer, load_tokenizer(teacher_dir, role.trust_remote_code),
-                               student_name=str(ctx.model_dir), teacher_name=str(teacher_dir))
-        return build_frozen(role, model_dir=teacher_dir, device=ctx.env.device, mesh=ctx.mesh,
-                            parallel_cfg=self.cfg.parallel)
+        return build_teacher(self.cfg.teacher, student_tokenizer=ctx.tokenizer, student_dir=ctx.model_dir,
+                             device=ctx.env.device, mesh=ctx.mesh, parallel_cfg=self.cfg.parallel)
 
     def evaluators(self, ctx: TrainContext, objective: Objective) -> list[Evaluator]:
         cfg, evaluators = self.cfg, generation_evaluators(self.cfg, ctx)

@@ -28,12 +28,14 @@ class StepMeter:
     and the real document lengths of this rank's micro-batches (`train/flops.py`)."""
 
     def __init__(self, model: nn.Module, *, lora: bool, precision: str, device: torch.device, tp: int,
-                 frozen_forwards: int = 0, unit: str = "tokens"):
+                 frozen_forwards: int = 0, frozen_models: Sequence[nn.Module] = (), unit: str = "tokens"):
         """`frozen_forwards`: no-grad forward passes of a same-shaped frozen model per micro-batch
-        (a live reference), counted in MFU; `unit`: the objective's normaliser, logged per second
-        (`pairs_per_s`, `sequences_per_s`) unless it is tokens."""
+        (a live reference), and `frozen_models` one forward each of other shapes (a live teacher),
+        counted in MFU; `unit`: the objective's normaliser, logged per second (`pairs_per_s`,
+        `sequences_per_s`) unless it is tokens."""
         self.shape = TransformerShape.from_model_args(model.args)
         self.frozen_forwards, self.unit = frozen_forwards, unit
+        self.frozen_shapes = [TransformerShape.from_model_args(m.args) for m in frozen_models]
         self.adapters = [LoraAdapter(m.in_features, m.out_features, m.rank) for m in lora_modules(model).values()]
         self.train_head = (not lora) or model.head_weight.requires_grad
         self.peak = peak_for_precision(precision, device.type)
@@ -48,6 +50,8 @@ class StepMeter:
         total = count.total
         if self.frozen_forwards:  # the frozen model's forward: no adapters, head on scored tokens
             total += self.frozen_forwards * training_flops(self.shape, lengths, head_tokens=local_trained).forward
+        for shape in self.frozen_shapes:
+            total += training_flops(shape, lengths, head_tokens=local_trained).forward
         return total / self.tp
 
     def metrics(

@@ -1,199 +1,61 @@
 """`dpo.reference: precompute`: one no-grad pass of the reference over the data before training.
 
-The pass reads the training sources, then the held-out ones, once each, in file order, rendered
-and packed exactly like training data, and stores every pair's reference log-prob sums (chosen,
-rejected) under
-
-    <run_dir>/reference/<fingerprint>/
-        inputs.json                       what the fingerprint covers (readable)
-        s<stream>-r<rank>-p<part>.safetensors   ids [N] int64, sums [N, 2] float32
-        complete.json                     written last: the table is whole
-
-The fingerprint hashes what the sums depend on: the sources (resolved path, size, mtime, how they
-are read), the rendering settings, the tokenizer's and the reference's files (name, size, mtime),
-the reference dtype and the training precision. A rerun with the same inputs reuses the table; any
-change computes a new one beside it. A pass killed midway resumes: each rank writes a part every
-`PART_BATCHES` batches, and a restart skips the forward passes of the parts every rank already has
-(the order is deterministic). Files are safetensors: nothing is unpickled.
+A `FrozenPass` (`frozen_pass.py`: fingerprinted, resumable, safetensors parts) whose rows are
+pairs: `ids [N]` int64 (the pair ids) and `sums [N, 2]` float32 (the reference log-prob sums of
+chosen and rejected), under `<run_dir>/reference/<fingerprint>/`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
-from posttrain.config.data import DataConfig, SourceConfig
-from posttrain.config.loading import write_text_atomic
-from posttrain.data.loader import build_loader
+from posttrain.config.data import DataConfig
+from posttrain.data.batch import PackedBatch
+from posttrain.train.frozen_pass import COMPLETE_FILE, FrozenPass, fingerprint_inputs, load_parts, stream_configs
 from posttrain.train.preference import check_pairs, document_sums
 from posttrain.train.reference import ReferenceTable, token_logprobs
 from posttrain.train.roles import FrozenModel
-from posttrain.train.signals import StopFlag, StopRequested
-from posttrain.train.step import autocast_context
 
 CACHE_DIR = "reference"
-COMPLETE_FILE = "complete.json"
-INPUTS_FILE = "inputs.json"
-PART_BATCHES = 16
-RENDER_KEYS = ("task", "max_length", "train_on", "overlong", "special_tokens", "template_rewrite", "chat_template")
+__all__ = ["CACHE_DIR", "COMPLETE_FILE", "ReferencePass", "fingerprint_inputs", "load_table", "stream_configs"]
 
 
-def _files(directory: Path, keep: Callable[[str], bool]) -> list[list[Any]]:
-    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(directory.iterdir())
-            if p.is_file() and keep(p.name)]
+class ReferencePass(FrozenPass):
+    """Computes (or reuses) the reference table for one run on this rank; collective over all ranks."""
 
-
-def _source_identity(source: SourceConfig) -> dict[str, Any]:
-    path = Path(source.path).expanduser().resolve()
-    stat = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.rglob("*")) if p.is_file()] \
-        if path.is_dir() else [path.stat().st_size, path.stat().st_mtime_ns]
-    return {"path": str(path), "stat": stat,
-            **source.model_dump(mode="json", include={"format", "split", "fields", "system_prompt", "dialogue", "rows"})}
-
-
-def fingerprint_inputs(data: DataConfig, eval_sources: list[SourceConfig], *, tokenizer_dir: Path,
-                       reference_dir: Path, reference_dtype: str, precision: str) -> dict[str, Any]:
-    """Everything the reference sums depend on, as JSON-serialisable values."""
-    return {
-        "sources": [_source_identity(s) for s in data.sources],
-        "eval_sources": [_source_identity(s) for s in eval_sources],
-        "render": data.model_dump(mode="json", include=set(RENDER_KEYS)),
-        "tokenizer": _files(tokenizer_dir, lambda name: not name.endswith((".safetensors", ".bin"))),
-        "reference": {"dir": str(reference_dir.resolve()), "dtype": reference_dtype,
-                      "files": _files(reference_dir, lambda name: name.endswith((".safetensors", ".json")))},
-        "precision": precision,
-    }
-
-
-def fingerprint(inputs: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-
-
-class ReferencePass:
-    """Computes (or reuses) the table for one run on this rank; collective over all ranks."""
-
-    def __init__(self, run_dir: Path, inputs: dict[str, Any], *, rank: int, device: torch.device,
-                 stop: StopFlag | None = None):
-        self.directory = Path(run_dir) / CACHE_DIR / fingerprint(inputs)
-        self.inputs, self.rank, self.device, self.stop = inputs, rank, device, stop
-
-    @property
-    def complete(self) -> bool:
-        return (self.directory / COMPLETE_FILE).is_file()
+    cache = CACHE_DIR
+    count_name = "pairs_scored"
 
     def table(self) -> ReferenceTable:
         """The whole table (every rank's parts); the pass must be complete."""
         return load_table(self.directory)
 
-    def run(self, streams: list[DataConfig], frozen: Callable[[], FrozenModel], *, tokenizer, batch_size: int,
-            dp_rank: int, dp_size: int, precision: str, chunk_size: int, vocab_chunk_size: int) -> None:
-        """Run the pass over `streams` (each read once, in order) unless it is complete."""
-        if self.rank == 0:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            (self.directory / INPUTS_FILE).write_text(json.dumps(self.inputs, indent=2) + "\n")
-        _barrier()
-        role = frozen()
-        pairs = 0
-        for s, data in enumerate(streams):
-            loader = build_loader(data, tokenizer, batch_size=batch_size, rank=dp_rank, world_size=dp_size)
-            with loader:
-                pairs += self._stream(s, loader, role, precision, chunk_size, vocab_chunk_size)
-        del role
-        totals = torch.tensor([pairs], dtype=torch.long, device=self.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(totals)
-        if self.rank == 0:
-            record = {"pairs_scored": int(totals.item()), "fingerprint": self.directory.name}
-            write_text_atomic(self.directory / COMPLETE_FILE, json.dumps(record) + "\n")
-        _barrier()
+    def run(self, streams: list[DataConfig], frozen: Callable[[], FrozenModel], *, tokenizer,  # type: ignore[override]
+            batch_size: int, dp_rank: int, dp_size: int, precision: str, chunk_size: int,
+            vocab_chunk_size: int) -> None:
+        def score(model: torch.nn.Module, batch: PackedBatch) -> dict[str, torch.Tensor]:
+            check_pairs(batch)
+            logps = token_logprobs(model, batch, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
+            per_doc, _ = document_sums(logps.float(), batch)
+            return {"ids": batch.groups[0::2], "sums": per_doc.view(-1, 2).float()}
 
-    def _stream(self, s: int, loader, role: FrozenModel, precision: str, chunk_size: int,
-                vocab_chunk_size: int) -> int:
-        done = _agreed_min(self._parts_on_disk(s), self.device)
-        ids, sums, scored = [], [], 0
-        with role.active() as model:
-            for i, batch in enumerate(loader):
-                if i // PART_BATCHES < done:
-                    continue  # this part is on disk
-                batch = batch.to(self.device)
-                check_pairs(batch)
-                with autocast_context(precision, self.device.type):
-                    logps = token_logprobs(model, batch, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
-                per_doc, _ = document_sums(logps.float(), batch)
-                ids.append(batch.groups[0::2].cpu())
-                sums.append(per_doc.view(-1, 2).cpu())
-                if (i + 1) % PART_BATCHES == 0:
-                    scored += self._write_part(s, i // PART_BATCHES, ids, sums)
-                    ids, sums = [], []
-                    self._check_stop()
-            if ids:
-                scored += self._write_part(s, (i // PART_BATCHES), ids, sums)
-        return scored
-
-    def _parts_on_disk(self, s: int) -> int:
-        count = 0
-        while (self.directory / _part_name(s, self.rank, count)).is_file():
-            count += 1
-        return count
-
-    def _write_part(self, s: int, part: int, ids: list[torch.Tensor], sums: list[torch.Tensor]) -> int:
-        tensors = {"ids": torch.cat(ids).contiguous(), "sums": torch.cat(sums).float().contiguous()}
-        final = self.directory / _part_name(s, self.rank, part)
-        tmp = final.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, final)
-        return len(tensors["ids"])
-
-    def _check_stop(self) -> None:
-        if self.stop is not None and self.stop.should_stop(self.device):
-            raise StopRequested(self.stop.signal_name)
+        super().run(streams, frozen, score, tokenizer=tokenizer, batch_size=batch_size, dp_rank=dp_rank,
+                    dp_size=dp_size, precision=precision)
 
 
 def load_table(directory: Path) -> ReferenceTable:
     """The table stored in `directory` (every rank's parts)."""
-    ids, sums = [], []
-    for part in sorted(directory.glob("s*-r*-p*.safetensors")):
-        tensors = load_file(part)
-        ids.append(tensors["ids"])
-        sums.append(tensors["sums"])
-    if not ids:
+    parts = list(load_parts(directory))
+    if not parts:
         return ReferenceTable(torch.zeros(0, dtype=torch.long), torch.zeros(0, 2), str(directory))
-    ids_all, sums_all = torch.cat(ids), torch.cat(sums)
+    ids_all = torch.cat([p["ids"] for p in parts])
+    sums_all = torch.cat([p["sums"] for p in parts])
     # A pair seen twice (data-parallel replicas, the same file in training and evaluation) has
     # one value per occurrence, equal up to batch composition: the first one is kept.
     unique, inverse = torch.unique(ids_all, return_inverse=True)
     first = torch.full((len(unique),), len(ids_all), dtype=torch.long).scatter_reduce(
         0, inverse, torch.arange(len(ids_all)), reduce="amin")
     return ReferenceTable(unique, sums_all[first], str(directory))
-
-
-def _part_name(s: int, rank: int, part: int) -> str:
-    return f"s{s}-r{rank:05d}-p{part:06d}.safetensors"
-
-
-def _agreed_min(value: int, device: torch.device) -> int:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    flag = torch.tensor([value], dtype=torch.long, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return int(flag.item())
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-
-def stream_configs(data: DataConfig, eval_sources: list[SourceConfig]) -> Iterator[DataConfig]:
-    """The pass's streams: the training sources, then the held-out ones, each once in file order."""
-    for source in [*data.sources, *eval_sources]:  # one stream each: a mix of sources ends with its first
-        yield data.model_copy(update={"sources": [source], "shuffle": False, "epochs": 1, "prefetch": 0})

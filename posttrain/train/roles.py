@@ -159,6 +159,23 @@ def build_frozen(
     return FrozenModel(model)
 
 
+def build_teacher(
+    role: FrozenModelConfig,
+    *,
+    student_tokenizer,
+    student_dir: Path,
+    device: torch.device,
+    mesh: DeviceMesh | None = None,
+    parallel_cfg: ParallelConfig | None = None,
+) -> FrozenModel:
+    """A distillation teacher: its tokenizer checked against the student's before its weights load."""
+    assert role.path is not None, "a teacher has a path (the configs check it)"
+    teacher_dir = resolve_model_dir(role.path)
+    check_shared_tokenizer(student_tokenizer, load_tokenizer(teacher_dir, role.trust_remote_code),
+                           student_name=str(student_dir), teacher_name=str(teacher_dir))
+    return build_frozen(role, model_dir=teacher_dir, device=device, mesh=mesh, parallel_cfg=parallel_cfg)
+
+
 def build_reference(
     role: FrozenModelConfig,
     policy: nn.Module,

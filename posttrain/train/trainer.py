@@ -255,6 +255,7 @@ def _build(recipe: Recipe, env: DistEnv, attempt: int, stop: StopFlag) -> _Run:
     objective = recipe.objective(ctx)
     meter = StepMeter(model, lora=cfg.lora.enabled, precision=cfg.train.precision, device=env.device,
                       tp=cfg.parallel.tp, frozen_forwards=getattr(objective, "frozen_forwards", 0),
+                      frozen_models=getattr(objective, "frozen_models", ()),
                       unit=objective.normaliser)
     evaluators = recipe.evaluators(ctx, objective)
     hparams = {"config_hash": config_hash(cfg), "total_steps": total_steps}

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import posttrain.train.reference as reference_module
+import posttrain.train.frozen_pass as frozen_pass
 import posttrain.train.reference_cache as reference_cache
 import posttrain.train.roles as roles
 import posttrain.train.trainer as trainer
@@ -236,7 +237,7 @@ def test_an_interrupted_pass_resumes_where_it_stopped(model_dir, pairs, tmp_path
     """One part per batch; the pass ends after 2 parts, in the third batch's forward (an
     exception, or SIGTERM, which stops a run in set-up at once); the rerun computes only the
     rest, and its table equals one computed in one go in another run directory."""
-    monkeypatch.setattr(reference_cache, "PART_BATCHES", 1)
+    monkeypatch.setattr(frozen_pass, "PART_BATCHES", 1)
     real = reference_cache.token_logprobs
     calls = []
 
