@@ -1,4 +1,4 @@
-"""`posttrain sft|dpo|grpo CONFIG [key=value ...]`: load the config, launch the recipe, print a summary."""
+"""`posttrain sft|dpo|distill|grpo CONFIG [key=value ...]`: load the config, launch the recipe, print a summary."""
 
 from __future__ import annotations
 

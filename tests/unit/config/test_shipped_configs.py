@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.config import SFTConfig, load_config
+from posttrain.config.distill import DistillConfig
 from posttrain.config.dpo import DPOConfig
 from posttrain.config.grpo import GRPOConfig
 from posttrain.demo_task import write_task
@@ -32,7 +33,7 @@ def test_template_validates(path, tmp_path, monkeypatch, gsm8k_path):
             pytest.skip(f"shared data not found at {HH_PAIRS}")
     if path.name.startswith("grpo_"):  # they start from an SFT export made first; any model validates
         overrides.append("model.path=smollm2-135m-instruct")
-    config_class = {"dpo": DPOConfig, "grpo": GRPOConfig}.get(path.name.split("_")[0], SFTConfig)
+    config_class = {"dpo": DPOConfig, "grpo": GRPOConfig, "distill": DistillConfig}.get(path.name.split("_")[0], SFTConfig)
     cfg = load_config(path, overrides, config_class)
     assert cfg.name and cfg.data.sources
 
