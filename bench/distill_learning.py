@@ -49,12 +49,18 @@ def parse_args() -> argparse.Namespace:
 
 
 def arm_overrides(args: argparse.Namespace, out: Path) -> list[str]:
-    held_out = [HELD_OUT_START, HELD_OUT_START + args.held_out]
+    """Every arm's settings; no evaluation during training (each model is measured afterwards)."""
     return [f"output_dir={out}", f"data.sources.0.path={GSM8K}", f"data.sources.0.rows=[0, {args.train_rows}]",
             "data.max_length=512", "data.epochs=null", f"train.steps={args.steps}", "train.micro_batch_size=2",
-            "train.grad_accum=1", "train.warmup_steps=4", f"eval.sources.0.path={GSM8K}",
-            f"eval.sources.0.rows={held_out}", "eval.enabled=false", "checkpoint.every_steps=1000",
-            "checkpoint.resume=never", "tracking.console=false", *args.overrides]
+            "train.grad_accum=1", f"train.warmup_steps={min(4, args.steps)}", "eval={}",
+            "checkpoint.every_steps=1000", "checkpoint.resume=never", "tracking.console=false", *args.overrides]
+
+
+def held_out_source(rows: int):
+    from posttrain.config import SourceConfig
+
+    return SourceConfig(path=str(GSM8K), fields={"question": "user", "answer": "assistant"},
+                        rows=(HELD_OUT_START, HELD_OUT_START + rows))
 
 
 def run_arm(arm: str, student: Path, args: argparse.Namespace, out: Path) -> dict:
@@ -98,13 +104,13 @@ def held_out_metrics(model_dir: Path, teacher, args: argparse.Namespace, out: Pa
     cfg = load_config(CONFIG, ["name=eval", *arm_overrides(args, out)], DistillConfig)
     tokenizer = load_tokenizer(model_dir, False)
     model = load_hf(model_dir)
-    batches = held_out_batches(cfg.data, cfg.eval.sources, tokenizer, batch_size=2, rank=0, world_size=1,
-                               max_samples=None)
+    batches = held_out_batches(cfg.data, [held_out_source(args.held_out)], tokenizer, batch_size=2, rank=0,
+                               world_size=1, max_samples=None)
     objective = DistillationObjective(DistillLoss("forward_kl"), teacher=teacher)
     metrics = evaluate_objective(model, batches, objective, precision="fp32", device=torch.device("cpu"),
                                  dp_group=None)
-    source = cfg.eval.sources[0].model_copy(update={"rows": (HELD_OUT_START, HELD_OUT_START + args.generate)})
-    samples = scored_generations(model, tokenizer, held_out_prompts([source], None), "gsm8k", max_new_tokens=256,
+    prompts = held_out_prompts([held_out_source(args.generate)], None)
+    samples = scored_generations(model, tokenizer, prompts, "gsm8k", max_new_tokens=256,
                                  repetition_penalty=1.05)
     return {"kl": metrics["distill/divergence"], "ce": metrics["distill/ce"],
             "agreement": metrics["distill/agreement"],

@@ -74,7 +74,7 @@ def run_ours(args: argparse.Namespace, workdir: Path, teacher: Path, student: Pa
         "train": {"steps": args.steps, "micro_batch_size": args.rows, "grad_accum": 1, "lr": LR,
                   "schedule": "constant", "grad_clip": 1.0, "precision": "fp32"},
         "distill": {"loss": "jsd", "beta": BETA, "temperature": 1.0, "kd_weight": 1.0},
-        "eval": {"enabled": False}, "checkpoint": {"every_steps": 10_000, "resume": "never"},
+        "eval": {}, "checkpoint": {"every_steps": 10_000, "resume": "never"},
         "tracking": {"console": False, "tensorboard": False},
     }, DistillConfig)
     result = run_distill(cfg)
