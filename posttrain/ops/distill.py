@@ -40,7 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from posttrain.ops.head_stats import Plan, _add_mm, _spans, _target_in_tile
+from posttrain.ops.grads_in_forward import add_tile_grads
+from posttrain.ops.head_stats import Plan, _spans, _target_in_tile
 from posttrain.ops.inputs import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_VOCAB_CHUNK_SIZE,
@@ -221,14 +222,7 @@ def _run(hidden, weight, targets, plan: Plan, loss: DistillLoss, teacher: _Teach
         stats[0][rows], stats[1][rows], stats[2][rows] = div, student.lse1 - student.target, agree.float()
         for j, (cols, raw) in enumerate(tiles):
             gz = _tile_gradient(raw, cols, j, targets[rows], student, kd, plan, coef_ce, coef_kd, loss.kd_weight)
-            w = weight[cols].to(plan.compute_dtype)
-            if grad_h is not None:
-                _add_mm(grad_h[rows], gz, w)
-            if grad_w is not None:
-                if several:
-                    _add_mm(grad_w[cols], gz.t(), h)
-                else:
-                    grad_w[cols] = torch.mm(gz.t(), h)
+            add_tile_grads(gz, h, weight[cols].to(plan.compute_dtype), grad_h, grad_w, rows, cols, several)
     total = (loss.kd_weight * loss.temperature**2 * stats[0].sum() + (1.0 - loss.kd_weight) * stats[1].sum()) * inv
     return (total, (stats[0], stats[1], teacher_ce, stats[2]),
             grad_h.to(hidden.dtype) if grad_h is not None else None,

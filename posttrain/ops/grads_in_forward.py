@@ -58,6 +58,19 @@ class CrossEntropyGradsInForward(torch.autograd.Function):
         return _scaled(grad_hidden, grad), _scaled(grad_weight, grad), None, None, None, None, None
 
 
+def add_tile_grads(gz: Tensor, h: Tensor, w: Tensor, grad_h: Tensor | None, grad_w: Tensor | None, rows: slice,
+                   cols: slice, several: bool) -> None:
+    """Add one tile's logits gradient `gz [rows, cols]` into `grad_h` (via the head rows `w`) and
+    `grad_w` (via the hidden rows `h`; summed in fp32 when there are `several` token chunks)."""
+    if grad_h is not None:
+        _add_mm(grad_h[rows], gz, w)
+    if grad_w is not None:
+        if several:
+            _add_mm(grad_w[cols], gz.t(), h)
+        else:
+            grad_w[cols] = torch.mm(gz.t(), h)
+
+
 def _scaled(precomputed: Tensor | None, grad: Tensor) -> Tensor | None:
     return None if precomputed is None else precomputed * grad.to(precomputed.dtype)
 
@@ -110,15 +123,7 @@ def _run(
                 gz.sub_(inv * (eps / plan.vocab_size))
             local, inside = _target_in_tile(y, cols)
             gz.scatter_add_(1, local.unsqueeze(1), torch.where(inside.unsqueeze(1), c_target, 0.0))
-            gz = gz.to(dtype)
-            w = weight[cols].to(dtype)
-            if grad_h is not None:
-                _add_mm(grad_h[rows], gz, w)
-            if grad_w is not None:
-                if several:
-                    _add_mm(grad_w[cols], gz.t(), h)
-                else:
-                    grad_w[cols] = torch.mm(gz.t(), h)
+            add_tile_grads(gz.to(dtype), h, weight[cols].to(dtype), grad_h, grad_w, rows, cols, several)
         del tiles
     return (
         total * inv,

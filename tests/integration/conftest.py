@@ -98,3 +98,13 @@ def ray_instance():
     yield
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A 4-layer tiny llama: a distillation teacher whose even layers make a 2-layer student."""
+    from tests.tiny_models import build_byte_tokenizer, build_checkpoint_from_config, tiny_config
+
+    config = tiny_config("llama", vocab_size=len(build_byte_tokenizer()))
+    config.num_hidden_layers = 4
+    return build_checkpoint_from_config(config, tmp_path_factory.mktemp("teacher") / "llama4", seed=3)

@@ -8,7 +8,6 @@ that differ are refused before any weight loads; the CLI runs.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,18 +23,11 @@ from posttrain.config.distill import DistillConfig
 from posttrain.config.loading import validate_config
 from posttrain.models.hf import load_hf
 from posttrain.recipes.distill import STUDENT_DIR, run_distill
+from tests.integration.stops import sigterm_after_checkpoint
 from tests.integration.dpo_configs import REPO, TIMING_KEYS, logged
 from tests.integration.sft_configs import merge_sections, recipe_config
-from tests.tiny_models import build_byte_tokenizer, build_checkpoint_from_config, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    config = tiny_config("llama", vocab_size=len(build_byte_tokenizer()))
-    config.num_hidden_layers = 4
-    return build_checkpoint_from_config(config, tmp_path_factory.mktemp("teacher") / "llama4", seed=3)
 
 
 def distill_config(teacher: Path, task_dir: Path, run_root: Path, *, steps: int = 4, **sections) -> dict:
@@ -134,13 +126,7 @@ def test_resume_is_exact(teacher_dir, task_dir, tmp_path, monkeypatch):
     sections = {"steps": 4, "checkpoint": {"every_steps": 2, "resume": "auto"}, "distill": {"loss": "jsd"}}
     straight = run(teacher_dir, task_dir, tmp_path / "a", **sections)
     real_checkpoint = trainer._checkpoint
-
-    def checkpoint_then_sigterm(run_state, step):
-        real_checkpoint(run_state, step)
-        if step == 2:
-            signal.raise_signal(signal.SIGTERM)
-
-    monkeypatch.setattr(trainer, "_checkpoint", checkpoint_then_sigterm)
+    sigterm_after_checkpoint(monkeypatch, 2)
     stopped = run(teacher_dir, task_dir, tmp_path / "b", **sections)
     assert stopped.status == "stopped" and stopped.steps == 2
     monkeypatch.setattr(trainer, "_checkpoint", real_checkpoint)

@@ -33,6 +33,7 @@ from posttrain.data.pairs import PAIR_LINE_BITS
 from posttrain.recipes import dpo as dpo_recipe
 from posttrain.recipes.dpo import DPORecipe
 from posttrain.train.reference_cache import COMPLETE_FILE, ReferencePass
+from tests.integration.stops import sigterm_after_checkpoint
 from tests.integration.dpo_configs import (
     REPO, cache_dirs, dpo_config, hh_source, per_step, read_table, run, write_config, write_pairs,
 )
@@ -342,13 +343,7 @@ def test_resume_is_exact_and_reuses_the_table(model_dir, pairs, tmp_path, monkey
     assert straight.status == "finished" and straight.steps == 4
 
     real_checkpoint = trainer._checkpoint
-
-    def checkpoint_then_sigterm(run_state, step):
-        real_checkpoint(run_state, step)
-        if step == 2:
-            signal.raise_signal(signal.SIGTERM)
-
-    monkeypatch.setattr(trainer, "_checkpoint", checkpoint_then_sigterm)
+    sigterm_after_checkpoint(monkeypatch, 2)
     stopped = run(model_dir, pairs.train, tmp_path / "b", **sections)
     assert stopped.status == "stopped" and stopped.steps == 2
     assert not (tmp_path / "b" / "run" / "export").exists()
