@@ -16,7 +16,7 @@ from pydantic import create_model, model_validator
 
 from posttrain.config.base import Section
 from posttrain.config.data import DataConfig
-from posttrain.config.model import ModelConfig
+from posttrain.config.distill import StudentModelConfig
 from posttrain.config.recipe import RecipeConfig, check_sources_exist
 
 
@@ -43,7 +43,8 @@ class _InspectBase(Section):
 
 
 def inspect_config_class() -> type[Section]:
-    """`data` (required), `model` and `tokenizer` (optional, typed); other recipe keys: any value."""
+    """`data` (required), `model` and `tokenizer` (optional, typed); other recipe keys (a
+    distillation `teacher:` among them): any value."""
     others: dict[str, Any] = {
         name: (Any, None) for name in sorted(recipe_sections() - {"data", "model", "tokenizer"})
     }
@@ -51,7 +52,7 @@ def inspect_config_class() -> type[Section]:
         "DataInspectConfig",
         __base__=_InspectBase,
         data=(DataConfig, ...),
-        model=(ModelConfig | None, None),
+        model=(StudentModelConfig | None, None),  # a path, or (distillation) init_from: the teacher's
         tokenizer=(str | None, None),
         **others,
     )

@@ -45,9 +45,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.max_length is not None:
         overrides.append(f"data.max_length={args.max_length}")
     cfg = load_config(args.config, overrides, inspect_config_class())
-    name = args.tokenizer or cfg.tokenizer or (cfg.model.path if cfg.model is not None else None)
+    teacher = cfg.teacher.get("path") if isinstance(cfg.teacher, dict) else None  # a student made from it
+    name = args.tokenizer or cfg.tokenizer or (cfg.model.path if cfg.model is not None else None) or teacher
     if not name:
-        raise ValueError(f"{args.config}: no model.path or tokenizer to read the tokenizer from; pass --tokenizer")
+        raise ValueError(f"{args.config}: no model.path, teacher.path or tokenizer to read the tokenizer from; "
+                         "pass --tokenizer")
     inspect_data(cfg.data, _load_tokenizer(name), n=args.n)
     return 0
 

@@ -90,3 +90,15 @@ def test_inspect_refuses_prompt_rows_with_a_reason(tmp_path, byte_tok_dir, capsy
     cfg.write_text(yaml.safe_dump(recipe))
     assert main(["data", "inspect", str(cfg)]) == 2
     assert "prompt rows (data.task: prompt)" in capsys.readouterr().err
+
+
+def test_inspect_reads_a_distillation_student_made_from_its_teacher(tmp_path, byte_tok_dir, capsys):
+    """`model.init_from` has no path yet: the teacher's tokenizer is the student's."""
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(4))
+    cfg = tmp_path / "distill.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"init_from": {"teacher": True, "layers": [0, 2]}}, "teacher": {"path": str(byte_tok_dir)},
+        "data": {"sources": [{"path": str(data), "fields": {"question": "user", "answer": "assistant"}}]},
+    }))
+    assert main(["data", "inspect", str(cfg), "--n", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == 4
