@@ -9,9 +9,10 @@ Teacher: SmolLM2-135M-Instruct (30 layers). Student: 15 layers, the teacher's ev
 answer -> assistant; `configs/distill_smollm2_gsm8k.yaml` with packed rows of 512 tokens, 2 per
 step). Equal steps of three arms, each timed whole (model loads and, for topk, the teacher's pass):
 
-    ce    cross-entropy on the answers only (`posttrain sft` on the student)
-    kd    forward KL to the live teacher, mixed 50/50 with the CE (`posttrain distill`)
-    topk  the same loss from a top-k table (k = 64) made by one pass before training
+    ce       cross-entropy on the answers only (`posttrain sft` on the student)
+    kd       forward KL to the live teacher, mixed 50/50 with the CE (`posttrain distill`)
+    topk     the same loss from a top-k table (k = 64) made by one pass before training
+    ce_time  CE only again, for as many steps as fit in the kd arm's wall time
 
 Afterwards every model (the student before training, each arm's export, the teacher) is measured
 the same way on `--held-out` GSM8K rows never trained on: full-vocabulary KL(teacher || student)
@@ -42,7 +43,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train-rows", type=int, default=400)
     parser.add_argument("--held-out", type=int, default=64)
     parser.add_argument("--generate", type=int, default=32)
-    parser.add_argument("--arms", default="ce,kd,topk")
+    parser.add_argument("--arms", default="ce,kd,topk,ce_time")
     parser.add_argument("--output-dir")
     parser.add_argument("overrides", nargs="*")
     return parser.parse_args()
@@ -63,15 +64,15 @@ def held_out_source(rows: int):
                         rows=(HELD_OUT_START, HELD_OUT_START + rows))
 
 
-def run_arm(arm: str, student: Path, args: argparse.Namespace, out: Path) -> dict:
+def run_arm(arm: str, student: Path, args: argparse.Namespace, out: Path, steps: int | None = None) -> dict:
     from posttrain.config import SFTConfig, load_config
     from posttrain.config.distill import DistillConfig
     from posttrain.recipes.distill import run_distill
     from posttrain.recipes.sft import run_sft
 
-    common = arm_overrides(args, out)
+    common = arm_overrides(args, out) + ([f"train.steps={steps}"] if steps else [])
     started = time.perf_counter()
-    if arm == "ce":
+    if arm.startswith("ce"):
         cfg = load_config(CONFIG, [f"name={arm}", *common], DistillConfig)
         sft = SFTConfig.model_validate({**cfg.model_dump(exclude={"teacher", "distill", "model"}),
                                         "model": {"path": str(student)}})
@@ -130,17 +131,23 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     teacher_dir = import_model("smollm2-135m-instruct")
     student = init_student(teacher_dir, list(range(0, 30, 2)), out / "student_init")
-    arms = {arm: run_arm(arm, student, args, out) for arm in args.arms.split(",")}
+    arms: dict[str, dict] = {}
+    for arm in args.arms.split(","):
+        steps = None
+        if arm == "ce_time":  # CE-only for as many steps as fit in KD's wall time
+            steps = round(args.steps * arms["kd"]["seconds"] / arms["ce"]["seconds"])
+        arms[arm] = run_arm(arm, student, args, out, steps)
     teacher = build_frozen(FrozenModelConfig(path=str(teacher_dir)), model_dir=teacher_dir, device=torch.device("cpu"))
     models = {"teacher": teacher_dir, "student (start)": student,
               **{f"student ({arm})": Path(r["export"]) for arm, r in arms.items()}}
     measured = {name: held_out_metrics(path, teacher, args, out) for name, path in models.items()}
     results = {"arms": arms, "held_out": measured, "args": vars(args)}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print("| arm | wall s | median step s | loss first -> last |")
-    print("| --- | --- | --- | --- |")
+    print("| arm | steps | wall s | median step s | loss first -> last |")
+    print("| --- | --- | --- | --- | --- |")
     for arm, r in arms.items():
-        print(f"| {arm} | {r['seconds']:.0f} | {r['median_step_s']:.2f} | {r['loss_first']:.3f} -> {r['loss_last']:.3f} |")
+        print(f"| {arm} | {r['steps']} | {r['seconds']:.0f} | {r['median_step_s']:.2f} | "
+              f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} |")
     print("\n| model | KL(teacher||student) | CE on answers | top-1 agreement | format | correct |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, m in measured.items():

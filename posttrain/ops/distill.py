@@ -170,16 +170,22 @@ class _Distill(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             total, stats, grad_hidden, grad_weight = _run(hidden, weight, targets, plan, loss, teacher, denom,
                                                           need_hidden, need_weight)
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        # Kept as plain attributes, not saved tensors: the backward hands them over scaled in place,
+        # so autograd can take them as the gradients without another [V, d] copy.
+        ctx.grads = [grad_hidden, grad_weight]
         ctx.mark_non_differentiable(*stats)
         return (total, *stats)
 
     @staticmethod
     def backward(ctx, grad: Tensor, *_unused):  # type: ignore[override]
-        grad_hidden, grad_weight = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("linear_distill's gradients were computed in its forward and handed over once; "
+                               "backward through it twice is not supported")
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
 
         def scaled(g: Tensor | None) -> Tensor | None:
-            return None if g is None else g * grad.to(g.dtype)
+            return None if g is None else g.mul_(grad.to(g.dtype))
 
         return scaled(grad_hidden), scaled(grad_weight), None, None, None, None, None
 

@@ -216,3 +216,12 @@ def test_a_tail_below_fp32_resolution_keeps_its_value():
     out = linear_topk(hidden, weight, torch.tensor([0]), k=1)
     expected = math.log(7) - 40.0 - math.log1p(7 * math.exp(-40.0))
     assert abs(float(out.topk.tail[0]) - expected) <= 1e-5 * abs(expected)
+
+
+def test_a_second_backward_is_refused():
+    hidden, weight, labels = make_inputs(vocab=VOCAB, padded=PADDED)
+    t_hidden, t_weight, _ = teacher_inputs(labels)
+    out = linear_distill(hidden, weight, labels, teacher_hidden=t_hidden, teacher_weight=t_weight, vocab_size=VOCAB)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="handed over once"):
+        out.loss.backward()
