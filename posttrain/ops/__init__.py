@@ -2,9 +2,11 @@
 
     linear_cross_entropy(hidden, weight, labels, ...)   SFT loss (z-loss, label smoothing)
     linear_logprobs(hidden, weight, targets, ...)       per-token log-probs (+ entropy): DPO, GRPO
-    linear_kl(hidden, weight, labels, teacher_...)      KL(teacher || student): distillation
+    linear_kl(hidden, weight, labels, teacher_...)      KL(teacher || student), recomputing backward
+    linear_distill(hidden, weight, labels, teacher_...) forward/reverse KL, JSD + CE: distillation
+    linear_topk(hidden, weight, labels, k=...)          a teacher's top-k table (no gradients)
 
-Contract (the same for all three):
+Contract (the same for every op):
 
 * `hidden` is `[B, L, d]` or `[N, d]` (after the final norm); `weight` is the head, `[V_padded, d]`
   (an `nn.Linear` weight or a tied embedding), the way our models expose it.
@@ -40,8 +42,11 @@ Note also that FSDP2 *averages* gradients over data-parallel ranks by default; w
 instead (`set_gradient_divide_factor(1.0)`, or scale the loss by the world size).
 """
 
+from posttrain.ops.distill import DistillLoss, TopK, linear_distill
 from posttrain.ops.kl import linear_kl
 from posttrain.ops.linear_ce import linear_cross_entropy
 from posttrain.ops.logprobs import linear_logprobs
+from posttrain.ops.topk import linear_topk
 
-__all__ = ["linear_cross_entropy", "linear_kl", "linear_logprobs"]
+__all__ = ["DistillLoss", "TopK", "linear_cross_entropy", "linear_distill", "linear_kl", "linear_logprobs",
+           "linear_topk"]
