@@ -21,7 +21,7 @@ floored at `LOG_FLOOR` (e^-100) so that a tail that underflowed in one model sta
 Gradients are computed in the forward (the loss is a scalar with per-token coefficients known up
 front), so each token chunk costs three student GEMMs (logits, grad_hidden, grad_weight) and one
 teacher GEMM, the least any exact method needs. The price is the cached logits of one token chunk
-for the whole vocabulary (both models, capped at `MAX_CACHED_LOGITS_BYTES` by shrinking the
+for the whole vocabulary (both models, capped at `grads_in_forward.MAX_CACHED_LOGITS_BYTES` by shrinking the
 chunk) and an fp32 `[V, d]` buffer for grad_weight. The full `[tokens, vocab]` logits never exist.
 
 Gradient of every divergence D with respect to the student's scaled logit z_v (z / T) has one
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from posttrain.ops.grads_in_forward import add_tile_grads
+from posttrain.ops.grads_in_forward import add_tile_grads, cached_chunk_size
 from posttrain.ops.head_stats import Plan, _spans, _target_in_tile
 from posttrain.ops.inputs import (
     DEFAULT_CHUNK_SIZE,
@@ -53,7 +53,6 @@ from posttrain.ops.inputs import (
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 LOG_FLOOR = -100.0
-MAX_CACHED_LOGITS_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -190,16 +189,11 @@ class _Distill(torch.autograd.Function):
         return scaled(grad_hidden), scaled(grad_weight), None, None, None, None, None
 
 
-def _chunk_tokens(plan: Plan, teacher: _Teacher) -> int:
-    width = torch.empty((), dtype=plan.compute_dtype).element_size() * (2 if teacher.hidden is not None else 1)
-    return max(1, min(plan.chunk_size, MAX_CACHED_LOGITS_BYTES // (plan.vocab_size * width)))
-
-
 def _run(hidden, weight, targets, plan: Plan, loss: DistillLoss, teacher: _Teacher, denom: Tensor,
          need_hidden: bool, need_weight: bool):
     n, device = hidden.shape[0], hidden.device
     inv = 1.0 / denom.to(device=device, dtype=torch.float32)
-    chunk = _chunk_tokens(plan, teacher)
+    chunk = cached_chunk_size(plan, models=2 if teacher.hidden is not None else 1)
     several = n > chunk
     grad_h = torch.zeros(hidden.shape, device=device, dtype=torch.float32) if need_hidden else None
     grad_w = torch.zeros(weight.shape, device=device, dtype=torch.float32 if several else weight.dtype) \
@@ -290,18 +284,21 @@ def _full_divergence(tiles, t_tiles, student: _Stats, teacher: _Stats, plan: Pla
     div = torch.zeros_like(student.lse)
     kl_pm = torch.zeros_like(student.lse)
     for (_, raw), (_, t_raw) in zip(tiles, t_tiles):
-        log_p, log_q = _log_probs(raw, student, plan), _log_probs(t_raw, teacher, plan)
-        if loss.divergence == "forward_kl":
-            div += (log_q.exp() * (log_q - log_p)).sum(1)
-        elif loss.divergence == "reverse_kl":
-            div += (log_p.exp() * (log_p - log_q)).sum(1)
-        else:
-            log_m = _log_mixture(log_p, log_q, loss.beta)
-            student_part = (log_p.exp() * (log_p - log_m)).sum(1)
-            kl_pm += student_part
-            div += loss.beta * (log_q.exp() * (log_q - log_m)).sum(1) + (1.0 - loss.beta) * student_part
-    shift = {"forward_kl": kl_pm, "reverse_kl": div, "jsd": kl_pm}[loss.divergence]
-    return div, shift
+        tile_div, tile_kl_pm = _divergence_sums(_log_probs(raw, student, plan), _log_probs(t_raw, teacher, plan), loss)
+        div += tile_div
+        kl_pm += tile_kl_pm
+    return div, (div if loss.divergence == "reverse_kl" else kl_pm)
+
+
+def _divergence_sums(log_p: Tensor, log_q: Tensor, loss: DistillLoss) -> tuple[Tensor, Tensor]:
+    """Row sums over these outcomes of the divergence's terms, and of KL(p||m) (JSD only, else 0)."""
+    if loss.divergence == "forward_kl":
+        return (log_q.exp() * (log_q - log_p)).sum(1), torch.zeros_like(log_p[:, 0])
+    if loss.divergence == "reverse_kl":
+        return (log_p.exp() * (log_p - log_q)).sum(1), torch.zeros_like(log_p[:, 0])
+    log_m = _log_mixture(log_p, log_q, loss.beta)
+    kl_pm = (log_p.exp() * (log_p - log_m)).sum(1)
+    return loss.beta * (log_q.exp() * (log_q - log_m)).sum(1) + (1.0 - loss.beta) * kl_pm, kl_pm
 
 
 def _log_mixture(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
@@ -317,27 +314,29 @@ def _buckets(tiles, student: _Stats, topk: TopK, plan: Plan) -> tuple[Tensor, Te
         z = _scaled(raw, plan)
         local, inside = _target_in_tile(topk.ids, cols)
         picked = torch.where(inside, z.gather(1, local), picked)
-        # ids outside this tile are clamped onto its edges: count hits rather than scatter flags
-        hits = torch.zeros_like(z).scatter_add_(1, local, inside.float())
-        z.masked_fill_(hits > 0, float("-inf"))
-        tail = torch.logaddexp(tail, torch.logsumexp(z, 1))
+        tail = torch.logaddexp(tail, logsumexp_without_(z, topk.ids, cols))
     log_p = torch.cat([picked, tail.unsqueeze(1)], 1) - student.lse.unsqueeze(1)
     log_q = torch.cat([topk.logprobs, topk.tail.unsqueeze(1)], 1)
     return log_p.clamp(min=LOG_FLOOR), log_q.clamp(min=LOG_FLOOR)
 
 
+def logsumexp_without_(z: Tensor, ids: Tensor, cols: slice) -> Tensor:
+    """Row-wise log-sum-exp of the tile `z` (columns `cols` of the vocabulary) leaving out the
+    tokens `ids [c, k]`; overwrites `z`. Ids outside the tile are clamped onto its edges by
+    `_target_in_tile`, so hits are counted rather than flags scattered."""
+    local, inside = _target_in_tile(ids, cols)
+    hits = torch.zeros_like(z).scatter_add_(1, local, inside.float())
+    return torch.logsumexp(z.masked_fill_(hits > 0, float("-inf")), 1)
+
+
 def _bucket_divergence(log_p: Tensor, log_q: Tensor, loss: DistillLoss) -> tuple[Tensor, Tensor]:
     """Divergence over the buckets and its gradient coefficient `a` per bucket (`[c, k + 1]`)."""
-    p, q = log_p.exp(), log_q.exp()
+    div, kl_pm = _divergence_sums(log_p, log_q, loss)
     if loss.divergence == "forward_kl":
-        div = (q * (log_q - log_p)).sum(1)
         return div, 1.0 - (log_q - log_p).exp()
     if loss.divergence == "reverse_kl":
-        div = (p * (log_p - log_q)).sum(1)
         return div, log_p - log_q - div.unsqueeze(1)
     log_m = _log_mixture(log_p, log_q, loss.beta)
-    kl_pm = (p * (log_p - log_m)).sum(1)
-    div = loss.beta * (q * (log_q - log_m)).sum(1) + (1.0 - loss.beta) * kl_pm
     return div, (1.0 - loss.beta) * (log_p - log_m - kl_pm.unsqueeze(1))
 
 
@@ -360,11 +359,12 @@ def _tile_gradient(raw: Tensor, cols: slice, j: int, targets: Tensor, student: _
                    kd: _FullGradient | _TopKGradient, plan: Plan, coef_ce: Tensor, coef_kd: Tensor,
                    kd_weight: float) -> Tensor:
     """d loss / d logits of one tile, in the GEMM dtype."""
-    gz = torch.zeros(raw.shape, device=raw.device)
     if kd_weight != 1.0:
         gz = raw.float().sub(student.lse1.unsqueeze(1)).exp_().mul_(coef_ce)
         local, inside = _target_in_tile(targets, cols)
         gz.scatter_add_(1, local.unsqueeze(1), torch.where(inside, -coef_ce, 0.0).unsqueeze(1))
+    else:
+        gz = torch.zeros(raw.shape, device=raw.device)
     if kd_weight == 0.0:
         return gz.to(plan.compute_dtype)
     log_p = _log_probs(raw, student, plan)

@@ -21,9 +21,10 @@ from posttrain.ops.head_stats import Plan, _add_mm, _spans, _target_in_tile, til
 MAX_CACHED_LOGITS_BYTES = 256 * 2**20
 
 
-def cached_chunk_size(plan: Plan) -> int:
-    """Tokens per chunk such that one chunk's logits stay within `MAX_CACHED_LOGITS_BYTES`."""
-    per_token = plan.vocab_size * torch.empty((), dtype=plan.compute_dtype).element_size()
+def cached_chunk_size(plan: Plan, models: int = 1) -> int:
+    """Tokens per chunk such that one chunk's logits of `models` heads (a student and its teacher:
+    2) stay within `MAX_CACHED_LOGITS_BYTES` together."""
+    per_token = models * plan.vocab_size * torch.empty((), dtype=plan.compute_dtype).element_size()
     return max(1, min(plan.chunk_size, MAX_CACHED_LOGITS_BYTES // per_token))
 
 

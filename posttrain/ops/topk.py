@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from posttrain.ops.distill import MAX_CACHED_LOGITS_BYTES, TopK, _head_tiles
-from posttrain.ops.head_stats import Plan, _spans, _target_in_tile
+from posttrain.ops.distill import TopK, _head_tiles, _Stats, logsumexp_without_
+from posttrain.ops.grads_in_forward import cached_chunk_size
+from posttrain.ops.head_stats import Plan, _spans
 from posttrain.ops.inputs import DEFAULT_CHUNK_SIZE, DEFAULT_VOCAB_CHUNK_SIZE, check_chunks, select
 
 
@@ -52,8 +53,7 @@ def linear_topk(
     plan = Plan(vocab_size=sel.vocab_size, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
                 compute_dtype=sel.compute_dtype, scale=1.0 / temperature)
     n, device = sel.count, hidden.device
-    per_token = plan.vocab_size * torch.empty((), dtype=plan.compute_dtype).element_size()
-    chunk = max(1, min(chunk_size, MAX_CACHED_LOGITS_BYTES // per_token))
+    chunk = cached_chunk_size(plan)
     ids = torch.zeros(n, k, dtype=torch.long, device=device)
     logprobs, tail, ce = torch.zeros(n, k, device=device), torch.zeros(n, device=device), torch.zeros(n, device=device)
     with torch.autocast(device.type, enabled=False):
@@ -65,25 +65,16 @@ def linear_topk(
 
 def _chunk(tiles: list[tuple[slice, Tensor]], targets: Tensor, k: int, plan: Plan):
     c, device = targets.shape[0], targets.device
+    stats = _Stats.of(tiles, targets, plan)
     best_values = torch.full((c, 0), float("-inf"), device=device)
     best_ids = torch.zeros((c, 0), dtype=torch.long, device=device)
-    lse, lse1, target = (torch.full((c,), float("-inf"), device=device) for _ in range(3))
-    for cols, raw in tiles:
-        z = raw.float()
-        local, inside = _target_in_tile(targets, cols)
-        target = torch.where(inside, z.gather(1, local.unsqueeze(1)).squeeze(1), target)
-        lse1 = torch.logaddexp(lse1, torch.logsumexp(z, 1))
-        scaled = z * plan.scale
-        lse = torch.logaddexp(lse, torch.logsumexp(scaled, 1))
-        values, where = scaled.topk(min(k, scaled.shape[1]), 1)
+    for cols, raw in tiles:  # a running top-k, merged tile by tile
+        values, where = (raw.float() * plan.scale).topk(min(k, raw.shape[1]), 1)
         merged_values = torch.cat([best_values, values], 1)
         merged_ids = torch.cat([best_ids, where + cols.start], 1)
         best_values, order = merged_values.topk(min(k, merged_values.shape[1]), 1)
         best_ids = merged_ids.gather(1, order)
     rest = torch.full((c,), float("-inf"), device=device)
     for cols, raw in tiles:
-        scaled = raw.float() * plan.scale
-        local, inside = _target_in_tile(best_ids, cols)
-        hits = torch.zeros_like(scaled).scatter_add_(1, local, inside.float())
-        rest = torch.logaddexp(rest, torch.logsumexp(scaled.masked_fill_(hits > 0, float("-inf")), 1))
-    return best_ids, best_values - lse.unsqueeze(1), rest - lse, lse1 - target
+        rest = torch.logaddexp(rest, logsumexp_without_(raw.float() * plan.scale, best_ids, cols))
+    return best_ids, best_values - stats.lse.unsqueeze(1), rest - stats.lse, stats.lse1 - stats.target
