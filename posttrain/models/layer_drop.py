@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from posttrain.models.common.decoder import Decoder
-from posttrain.models.hf import build_meta_model, load_hf, save_hf
+from posttrain.models.hf import build_meta_model, load_hf, read_hf_config, save_hf
 
 RECORD_FILE = "student_init.json"
 _LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
@@ -79,6 +79,7 @@ def init_student(teacher_dir: str | Path, layers: Sequence[int], out_dir: str | 
                              f"{existing['layers']}, not from {record['teacher']} with layers {record['layers']} "
                              "(or the teacher's files changed); remove it or use another run name")
         return out
+    check_layers(layers, read_hf_config(teacher_dir)[1].num_layers)  # before any weight is read
     teacher = load_hf(teacher_dir, dtype=torch.float32)
     student = drop_layers(teacher, layers)
     del teacher

@@ -23,7 +23,7 @@ from posttrain.recipes.common import PackedDataRecipe
 from posttrain.train.distill import DistillationObjective
 from posttrain.train.frozen_pass import fingerprint_inputs, stream_configs
 from posttrain.train.objective import Objective
-from posttrain.train.roles import build_frozen, build_teacher, check_shared_tokenizer, load_tokenizer, resolve_model_dir
+from posttrain.train.roles import build_frozen, check_shared_tokenizer, load_tokenizer, resolve_model_dir
 from posttrain.train.teacher_cache import TopKPass, TopKTable
 from posttrain.train.trainer import TrainContext, TrainResult, train
 
@@ -40,9 +40,9 @@ class DistillRecipe(PackedDataRecipe):
         chunks = {"chunk_size": self.cfg.train.chunk_size, "vocab_chunk_size": self.cfg.train.vocab_chunk_size}
         if d.teacher_signal == "topk":
             return DistillationObjective(loss, table=self._topk_table(ctx), **chunks)
-        teacher = build_teacher(self.cfg.teacher, student_tokenizer=ctx.tokenizer, student_dir=ctx.model_dir,
-                                device=ctx.env.device, mesh=ctx.mesh, parallel_cfg=self.cfg.parallel)
-        return DistillationObjective(loss, teacher=teacher, **chunks)
+        teacher = build_frozen(self.cfg.teacher, model_dir=resolve_model_dir(self.cfg.teacher.path),
+                               device=ctx.env.device, mesh=ctx.mesh, parallel_cfg=self.cfg.parallel)
+        return DistillationObjective(loss, teacher=teacher, **chunks)  # tokenizers compared in with_student
 
     def _topk_table(self, ctx: TrainContext) -> TopKTable:
         cfg, d = self.cfg, self.cfg.distill

@@ -24,7 +24,7 @@ from posttrain.config.loading import validate_config
 from posttrain.models.hf import load_hf
 from posttrain.recipes.distill import STUDENT_DIR, run_distill
 from tests.integration.stops import sigterm_after_checkpoint
-from tests.integration.dpo_configs import REPO, TIMING_KEYS, logged
+from tests.integration.dpo_configs import REPO, logged, per_step
 from tests.integration.sft_configs import merge_sections, recipe_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,11 +43,6 @@ def distill_config(teacher: Path, task_dir: Path, run_root: Path, *, steps: int 
 
 def run(teacher, task_dir, run_root, **sections):
     return run_distill(validate_config(distill_config(teacher, task_dir, run_root, **sections), DistillConfig))
-
-
-def per_step(run_dir) -> dict[int, dict]:
-    rows = [r for r in logged(run_dir) if "loss" in r]
-    return {r["step"]: {k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows}
 
 
 def assert_steps_close(a: dict, b: dict, rtol: float) -> None:

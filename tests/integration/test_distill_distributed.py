@@ -5,31 +5,23 @@ share of."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
-import yaml
 
 from posttrain.config import load_config
 from posttrain.config.distill import DistillConfig
 from posttrain.recipes.distill import STUDENT_DIR, run_distill
 from tests.integration.test_distill import distill_config
-from tests.integration.test_distributed import STEPS, assert_same_run, run_ranks
+from tests.integration.test_distributed import STEPS, assert_two_ranks_reproduce_one
 
 @pytest.mark.parametrize("signal", ["live", "topk"])
 def test_two_ranks_reproduce_one(teacher_dir, task_dir, tmp_path, signal):
     cfg = distill_config(teacher_dir, task_dir, tmp_path / "one", steps=STEPS,
                          distill={"loss": "jsd", "teacher_signal": signal, "topk": 8})
     cfg["eval"] = {}
-    config = tmp_path / "cfg.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    one = Path(run_distill(load_config(config, [], DistillConfig)).run_dir)
-    outputs = run_ranks(2, config, f"output_dir={tmp_path / 'two'}", "train.micro_batch_size=1", command="distill")
-    two = tmp_path / "two" / "run"
-    assert json.loads(outputs[0].strip().splitlines()[-1])["status"] == "finished"
+    _, two = assert_two_ranks_reproduce_one(cfg, tmp_path, "distill",
+                                            lambda path: run_distill(load_config(path, [], DistillConfig)))
     assert (two / STUDENT_DIR / "config.json").is_file()
-    assert_same_run(one, two, weights_atol=2e-5)
     if signal == "topk":  # each rank wrote the documents it scored
         parts = sorted(p.name.split("-")[1] for p in (two / "teacher_topk").glob("*/s0-r*-p*.safetensors"))
         assert set(parts) == {"r00000", "r00001"}

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from safetensors.torch import load_file
 
@@ -70,6 +71,20 @@ def assert_same_run(one: Path, two: Path, weights_atol: float) -> None:
         assert want.keys() == got.keys()
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=weights_atol, msg=key)
+
+
+def assert_two_ranks_reproduce_one(cfg: dict, tmp_path: Path, command: str, run_one) -> tuple[Path, Path]:
+    """Run the recipe config `cfg` on one rank in-process (`run_one(config_file)` returns its
+    TrainResult) and as `posttrain <command>` on two ranks with half the micro-batch (the same global
+    batch); both finish with the same losses and exported weights. Returns both run directories."""
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    one = Path(run_one(config).run_dir)
+    outputs = run_ranks(2, config, f"output_dir={tmp_path / 'two'}", "train.micro_batch_size=1", command=command)
+    two = tmp_path / "two" / "run"
+    assert json.loads(outputs[0].strip().splitlines()[-1])["status"] == "finished"
+    assert_same_run(one, two, weights_atol=2e-5)
+    return one, two
 
 
 def one_rank(config: Path) -> Path:

@@ -9,13 +9,11 @@ import random
 from pathlib import Path
 
 import pytest
-import yaml
 
 from posttrain.config import load_config
 from posttrain.config.dpo import DPOConfig
 from posttrain.recipes.dpo import run_dpo
-from tests.integration.test_distributed import assert_same_run, run_ranks
-from tests.integration.test_distributed import STEPS
+from tests.integration.test_distributed import STEPS, assert_two_ranks_reproduce_one
 
 
 def write_pairs(path: Path, count: int = 64) -> Path:
@@ -40,13 +38,7 @@ def test_two_ranks_reproduce_one(tiny_checkpoints, tmp_path, reference):
         "dpo": {"reference": reference},
         "tracking": {"console": False, "tensorboard": False}, "checkpoint": {"resume": "never"},
     }
-    config = tmp_path / "cfg.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    one = Path(run_dpo(load_config(config, [], DPOConfig)).run_dir)
-    outputs = run_ranks(2, config, f"output_dir={tmp_path / 'two'}", "train.micro_batch_size=1", command="dpo")
-    two = tmp_path / "two" / "run"
-    assert json.loads(outputs[0].strip().splitlines()[-1])["status"] == "finished"
-    assert_same_run(one, two, weights_atol=2e-5)
+    _, two = assert_two_ranks_reproduce_one(cfg, tmp_path, "dpo", lambda path: run_dpo(load_config(path, [], DPOConfig)))
     if reference == "precompute":  # each rank wrote the pairs it scored
         parts = sorted(p.name.split("-")[1] for p in (two / "reference").glob("*/s0-r*-p*.safetensors"))
         assert set(parts) == {"r00000", "r00001"}

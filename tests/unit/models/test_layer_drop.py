@@ -71,3 +71,13 @@ def test_bad_layer_lists_are_refused(tmp_path, layers, message):
     teacher = load_hf(four_layer_teacher("llama", tmp_path / "teacher"))
     with pytest.raises(ValueError, match=message):
         drop_layers(teacher, layers)
+
+
+def test_init_student_refuses_a_bad_layer_list_before_reading_weights(tmp_path, monkeypatch):
+    import posttrain.models.layer_drop as layer_drop
+
+    teacher_dir = four_layer_teacher("llama", tmp_path / "teacher")
+    monkeypatch.setattr(layer_drop, "load_hf", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(ValueError, match="layer 9 does not exist"):
+        init_student(teacher_dir, [0, 9], tmp_path / "student")
+    assert not (tmp_path / "student").exists()
