@@ -123,8 +123,13 @@ class _StopStrings:
         return any(s in text for s in self.strings)
 
     def trim(self, text: str) -> str:
-        cut = min((text.find(s) for s in self.strings if s in text), default=-1)
-        return text if cut < 0 else text[:cut]
+        return trim_at_stop(text, self.strings)
+
+
+def trim_at_stop(text: str, strings: list[str]) -> str:
+    """`text` cut before the first stop string it contains (unchanged if none)."""
+    cut = min((text.find(s) for s in strings if s in text), default=-1)
+    return text if cut < 0 else text[:cut]
 
 
 @dataclass
