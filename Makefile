@@ -1,10 +1,15 @@
 # `make demo` and `make test` each run the idempotent set-up first.
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup vllm-env demo test test-all clean
 
 setup:
 	bash scripts/setup.sh
+
+# The vLLM rollout engine's own environment (.venv-vllm); only `rollout.engine: vllm` and the
+# slow vLLM tests need it.
+vllm-env:
+	bash scripts/vllm_env.sh
 
 demo: setup
 	$(PY) -m posttrain.demo
@@ -12,8 +17,8 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -m "not slow" --timeout=900
 
-test-all: setup
+test-all: setup vllm-env
 	$(PY) -m pytest -q --timeout=1800
 
 clean:
-	rm -rf .venv runs
+	rm -rf .venv .venv-vllm runs

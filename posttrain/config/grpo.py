@@ -21,12 +21,30 @@ from posttrain.config.model import FrozenModelConfig
 from posttrain.config.recipe import RecipeConfig
 
 
+class VLLMSettings(Section):
+    """The vLLM engine (`rollout.engine: vllm`), a process of its own from the vLLM environment."""
+
+    python: str | None = None
+    """That environment's interpreter; null: $POSTTRAIN_VLLM_PYTHON, else `.venv-vllm/bin/python`
+    of this checkout (`make vllm-env`)."""
+
+    kv_cache_gib: int = Field(1, ge=1)
+    """KV-cache memory vLLM reserves (VLLM_CPU_KVCACHE_SPACE on a CPU), kept while the trainer runs."""
+
+    threads: int | None = Field(None, ge=1)
+    """CPU cores vLLM's threads are bound to (cores 0..threads-1); null: vLLM's own choice."""
+
+
 class RolloutConfig(Section):
     model_config = ConfigDict(**Section.model_config, validate_by_name=True, validate_by_alias=True,
                               serialize_by_alias=True)  # `async` is a Python keyword: the field is async_
 
-    engine: Literal["native"] = "native"
-    """The generation engine; `native` is our KV-cache decoder in the trainer's process."""
+    engine: Literal["native", "vllm"] = "native"
+    """native: our KV-cache decoder (in the trainer's process unless `process` or `separate`);
+    vllm: vLLM in a process of its own from its own environment (`make vllm-env`; settings in
+    `rollout.vllm`; CPU only for now)."""
+
+    vllm: VLLMSettings = Field(default_factory=VLLMSettings)
 
     placement: Literal["colocated", "separate"] = "colocated"
     """colocated: the engine shares the trainer's devices (and sleeps while the trainer runs);
@@ -161,6 +179,13 @@ class GRPOConfig(RecipeConfig):
     teacher: FrozenModelConfig | None = None
     """The frozen teacher of on-policy distillation (same tokenizer as the policy)."""
 
+    @property
+    def engine_dtype(self) -> str:
+        """The engine's weight dtype with `auto` resolved (the policy's; its `auto` is float32)."""
+        if self.rollout.dtype != "auto":
+            return self.rollout.dtype
+        return "float32" if self.model.dtype == "auto" else self.model.dtype
+
     @model_validator(mode="after")
     def _check_rl(self) -> GRPOConfig:
         if self.data.task != "prompt":
@@ -184,6 +209,9 @@ class GRPOConfig(RecipeConfig):
         if self.rollout.placement == "separate" and self.launcher.backend != "ray":
             raise FieldError("rollout.placement", "separate places the engine on Ray actors of its own; "
                              "set launcher.backend: ray (or placement: colocated)")
+        if self.rollout.engine == "vllm" and self.rollout.lm_head_fp32 and self.engine_dtype != "float32":
+            raise FieldError("rollout.lm_head_fp32", "vLLM computes the head in the engine's dtype "
+                             f"({self.engine_dtype}); set rollout.dtype: float32 or rollout.engine: native")
         if self.grpo.overlong.mode == "penalty" and self.grpo.overlong.buffer == 0:
             raise FieldError("grpo.overlong.buffer", "the penalty mode needs a buffer of tokens > 0")
         return self

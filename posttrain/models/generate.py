@@ -100,11 +100,20 @@ def _ids(value) -> list[int]:
 
 def default_eos_ids(model: Decoder, tokenizer) -> frozenset[int]:
     """EOS ids of the tokenizer, the model's config.json and its generation_config.json."""
-    ids = set(_ids(getattr(tokenizer, "eos_token_id", None)))
     source = model.hf_source
-    if source is not None:
-        ids.update(_ids(source.config.get("eos_token_id")))
-        ids.update(_generation_config_eos(source.directory / "generation_config.json"))
+    if source is None:
+        return frozenset(_ids(getattr(tokenizer, "eos_token_id", None)))
+    return checkpoint_eos_ids(source.directory, tokenizer, source.config)
+
+
+def checkpoint_eos_ids(directory: Path, tokenizer, config: dict | None = None) -> frozenset[int]:
+    """EOS ids of the tokenizer, `config` (default: the directory's config.json) and the
+    directory's generation_config.json: what every engine stops on."""
+    if config is None:
+        config = json.loads((Path(directory) / "config.json").read_text())
+    ids = set(_ids(getattr(tokenizer, "eos_token_id", None)))
+    ids.update(_ids(config.get("eos_token_id")))
+    ids.update(_generation_config_eos(Path(directory) / "generation_config.json"))
     return frozenset(ids)
 
 

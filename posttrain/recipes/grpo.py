@@ -11,6 +11,8 @@ The held-out evaluation is scored generation (`eval.scorer`), the same code SFT 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from posttrain.cluster.dist_env import DistEnv
 from posttrain.config.grpo import GRPOConfig
 from posttrain.models.hf import load_hf
@@ -28,6 +30,7 @@ from posttrain.rl.rewards.workers import RewardTerm, RewardWorkers
 from posttrain.rollout.engine import GenerationEngine
 from posttrain.rollout.native import NativeEngine
 from posttrain.rollout.process_engine import ProcessEngine
+from posttrain.rollout.vllm_engine import VLLMEngine
 from posttrain.train.objective import Objective
 from posttrain.train.reference import LiveReference
 from posttrain.train.roles import (
@@ -96,21 +99,32 @@ class GRPORecipe:
         return "ray" if self.cfg.launcher.backend == "ray" else "process"
 
     def _engine(self, ctx: TrainContext) -> GenerationEngine:
-        """The native engine: in this process, in a spawned process, or in a Ray actor."""
-        rollout = self.cfg.rollout
-        dtype = self.cfg.model.dtype if rollout.dtype == "auto" else rollout.dtype
-        if not (rollout.process or rollout.placement == "separate"):
+        """The native engine (in this process, a spawned process or a Ray actor) or vLLM (a
+        process from its own environment, or in a Ray actor)."""
+        rollout, dtype = self.cfg.rollout, self.cfg.engine_dtype
+        if rollout.engine == "native" and not (rollout.process or rollout.placement == "separate"):
             return NativeEngine(load_hf(ctx.model_dir, device=ctx.env.device, dtype=DTYPES[dtype]), ctx.tokenizer,
                                 lm_head_fp32=rollout.lm_head_fp32)
         if ctx.env.device.type != "cpu":
-            raise ValueError("an engine process or actor runs the native engine on the CPU only for now; "
-                             "set rollout.process: false and rollout.placement: colocated")
+            raise ValueError(f"the {rollout.engine} engine runs in a process of its own on the CPU only for now; "
+                             "set rollout.engine: native, rollout.process: false and rollout.placement: colocated")
         if self._backend == "ray":
             from posttrain.rollout.ray_engine import RayEngine
 
             return RayEngine(ctx.model_dir, dtype=dtype, lm_head_fp32=rollout.lm_head_fp32,
-                             placement=rollout.placement, cpus=rollout.cpus)
+                             placement=rollout.placement, cpus=rollout.cpus, vllm=self._vllm_kwargs(ctx))
+        if rollout.engine == "vllm":
+            return VLLMEngine(ctx.model_dir, ctx.tokenizer, **self._vllm_kwargs(ctx))
         return ProcessEngine(ctx.model_dir, dtype=dtype, lm_head_fp32=rollout.lm_head_fp32)
+
+    def _vllm_kwargs(self, ctx: TrainContext) -> dict | None:
+        """VLLMEngine's settings (None for the native engine); its log goes to the run directory."""
+        if self.cfg.rollout.engine != "vllm":
+            return None
+        v = self.cfg.rollout.vllm
+        return {"dtype": self.cfg.engine_dtype, "max_model_len": self.cfg.data.max_length,
+                "kv_cache_gib": v.kv_cache_gib, "threads": v.threads, "python": v.python,
+                "seed": self.cfg.train.seed, "log_path": str(Path(self.cfg.run_dir) / f"vllm-engine-rank{ctx.env.rank}.log")}
 
     def _teacher(self, ctx: TrainContext) -> FrozenModel:
         return build_teacher(self.cfg.teacher, student_tokenizer=ctx.tokenizer, student_dir=ctx.model_dir,

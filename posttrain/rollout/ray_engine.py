@@ -34,15 +34,22 @@ NAME_PREFIX = "posttrain-engine-"
 class EngineActor:
     """Runs in the actor process: the engine and the methods the client calls."""
 
-    def __init__(self, model_dir: str, dtype: str, lm_head_fp32: bool, threads: int):
+    def __init__(self, model_dir: str, dtype: str, lm_head_fp32: bool, threads: int, vllm: dict | None = None):
+        """The native engine, or with `vllm` (VLLMEngine's keyword arguments) a vLLM server
+        process started by this actor on its node."""
         from transformers import AutoTokenizer
 
+        torch.set_num_threads(threads)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if vllm is not None:
+            from posttrain.rollout.vllm_engine import VLLMEngine
+
+            self.engine = VLLMEngine(model_dir, tokenizer, **vllm)
+            return
         from posttrain.models.hf import load_hf
         from posttrain.rollout.native import NativeEngine
 
-        torch.set_num_threads(threads)
-        self.engine = NativeEngine(load_hf(model_dir, dtype=DTYPES[dtype]), AutoTokenizer.from_pretrained(model_dir),
-                                   lm_head_fp32=lm_head_fp32)
+        self.engine = NativeEngine(load_hf(model_dir, dtype=DTYPES[dtype]), tokenizer, lm_head_fp32=lm_head_fp32)
 
     def info(self) -> tuple[int, int, int]:
         """(pad id, policy version, the actor's pid)."""
@@ -71,12 +78,14 @@ def actor_options(placement: str, cpus: float) -> dict[str, Any]:
 
 
 class RayEngine(RemoteEngine):
-    """The `GenerationEngine` interface over a `NativeEngine` in a Ray actor."""
+    """The `GenerationEngine` interface over a `NativeEngine` in a Ray actor, or with `vllm`
+    (`VLLMEngine`'s keyword arguments) over a vLLM server the actor starts on its node; a vLLM
+    server that dies is reported as `EngineDied`, like the actor itself."""
 
     def __init__(self, model_dir: str | Path, *, dtype: str = "float32", lm_head_fp32: bool = False,
-                 placement: str = "colocated", cpus: float = 1.0):
+                 placement: str = "colocated", cpus: float = 1.0, vllm: dict | None = None):
         threads = torch.get_num_threads() if placement == "colocated" else max(1, int(cpus))
-        self._args = (str(model_dir), dtype, lm_head_fp32, threads)
+        self._args = (str(model_dir), dtype, lm_head_fp32, threads, vllm)
         self.placement, self.cpus = placement, cpus
         self.actor, self.pid = None, None
         self.restarts = -1
@@ -106,6 +115,8 @@ class RayEngine(RemoteEngine):
             raise EngineDied(f"the engine actor (pid {self.pid}) died: {err.__class__.__name__}") from None
         except ray.exceptions.RayTaskError as err:
             cause = err.cause
+            if isinstance(cause, EngineDied):  # the vLLM server behind the actor
+                raise EngineDied(str(cause)) from None
             raise (ValueError if isinstance(cause, ValueError) else RuntimeError)(str(cause)) from None
 
     def _call(self, method: str, *args: Any) -> Any:

@@ -33,6 +33,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -44,7 +45,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from posttrain.models.generate import trim_at_stop
+from posttrain.models.generate import checkpoint_eos_ids, trim_at_stop
 from posttrain.models.sampling import SamplingParams
 from posttrain.rollout.engine import RolloutBatch
 from posttrain.rollout.process_engine import START_TIMEOUT_S, EngineDied
@@ -74,15 +75,55 @@ def _shm_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
-class VLLMEngine:
-    """The engine interface over a vLLM server process (see the module docstring)."""
+def write_parts(named_tensors: Iterable[tuple[str, torch.Tensor]], part_dir: Path, dtype: torch.dtype,
+                part_bytes: int = PART_BYTES) -> list[str]:
+    """Write the stream as safetensors files of about `part_bytes` each, floating-point tensors in
+    `dtype`, holding one part in memory at a time; returns the paths in order."""
+    paths: list[str] = []
+    part: dict[str, torch.Tensor] = {}
+    size = 0
+    written: set[str] = set()
 
-    def __init__(self, model_dir: str | Path, tokenizer, eos_ids: Iterable[int], *, dtype: str = "float32",
+    def flush() -> None:
+        nonlocal part, size
+        path = part_dir / f"part-{len(paths):05d}.safetensors"
+        save_file(part, str(path))
+        paths.append(str(path))
+        written.update(part)
+        part, size = {}, 0
+
+    for name, tensor in named_tensors:
+        if name in part or name in written:
+            raise ValueError(f"weight update: {name!r} is sent twice")
+        tensor = tensor.detach().to("cpu", dtype) if tensor.is_floating_point() else tensor.detach().cpu()
+        part[name] = tensor.contiguous()
+        size += tensor.numel() * tensor.element_size()
+        if size >= part_bytes:
+            flush()
+    if part or not paths:
+        flush()
+    return paths
+
+
+class VLLMEngine:
+    """The engine interface over a vLLM server process (see the module docstring).
+
+    `tokenizer` defaults to the model directory's; the engine stops on the EOS ids the native
+    engine uses (tokenizer, config.json, generation_config.json). `threads`: bind vLLM's threads to
+    cores 0..threads-1 (None: vLLM's choice); `log_path`: where the server's output goes.
+    """
+
+    def __init__(self, model_dir: str | Path, tokenizer=None, *, dtype: str = "float32",
                  max_model_len: int = 1024, kv_cache_gib: float = 1.0, threads: int | None = None,
                  python: str | Path | None = None, seed: int = 0, log_path: str | Path | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"the vLLM engine's dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self.model_dir, self.tokenizer, self.eos_ids = str(model_dir), tokenizer, sorted(set(eos_ids))
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model_dir, self.tokenizer = str(model_dir), tokenizer
+        self.eos_ids = sorted(checkpoint_eos_ids(Path(model_dir), tokenizer))
         self.dtype, self.python = dtype, vllm_python(python)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.settings = {"model_dir": self.model_dir, "dtype": dtype, "max_model_len": max_model_len, "seed": seed}
@@ -118,7 +159,8 @@ class VLLMEngine:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "ab") as log:
                 self.process = subprocess.Popen([str(self.python), str(SERVER_DIR / "posttrain_vllm_server.py")],
-                                                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                start_new_session=True)
             self.conn = self._accept(listener)
         finally:
             listener.close()
@@ -146,7 +188,9 @@ class VLLMEngine:
             return "(no log)"
 
     def close(self) -> None:
-        """End the server and its vLLM processes (closing the socket ends a live one)."""
+        """End the server and every vLLM process it started: the server leaves when its socket
+        closes; then its process group (its own session) is killed, which also takes any vLLM
+        process a killed server left behind."""
         if self.conn is not None:
             try:
                 self.conn.send(("close", None))
@@ -158,8 +202,12 @@ class VLLMEngine:
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                pass
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait()
             self.process = None
 
     # -- requests ---------------------------------------------------------------------------
@@ -238,36 +286,11 @@ class VLLMEngine:
         """Write the stream as safetensors parts in shared memory; the server checks and reloads them."""
         part_dir = Path(tempfile.mkdtemp(prefix="posttrain-weights-", dir=_shm_dir()))
         try:
-            paths = self._write_parts(named_tensors, part_dir)
+            paths = write_parts(named_tensors, part_dir, DTYPES[self.dtype])
             self._call("reload", {"paths": paths})
         finally:
             shutil.rmtree(part_dir, ignore_errors=True)
         self._version = self._version + 1 if version is None else version
-
-    def _write_parts(self, named_tensors: Iterable[tuple[str, torch.Tensor]], part_dir: Path) -> list[str]:
-        paths: list[str] = []
-        part: dict[str, torch.Tensor] = {}
-        size = 0
-
-        def flush() -> None:
-            nonlocal part, size
-            path = part_dir / f"part-{len(paths):05d}.safetensors"
-            save_file(part, str(path))
-            paths.append(str(path))
-            part, size = {}, 0
-
-        for name, tensor in named_tensors:
-            if name in part:
-                raise ValueError(f"weight update: {name!r} is sent twice")
-            if tensor.is_floating_point():
-                tensor = tensor.detach().to("cpu", DTYPES[self.dtype])
-            part[name] = tensor.detach().cpu().contiguous()
-            size += part[name].numel() * part[name].element_size()
-            if size >= PART_BYTES:
-                flush()
-        if part or not paths:
-            flush()
-        return paths
 
     def sleep(self, level: int = 1) -> None:
         """A no-op on the CPU (see the module docstring)."""

@@ -49,7 +49,8 @@ def checkpoint_table(model_dir: str) -> dict[str, tuple[list[int], str]]:
 
 
 def check_parts(paths: list[str], table: dict[str, tuple[list[int], str]]) -> None:
-    """Refuse an update with an unknown or repeated name, a wrong shape or a non-float dtype."""
+    """Refuse an update with an unknown, repeated or missing name, a wrong shape or a non-float
+    dtype: like the native engine, an update holds every weight of the checkpoint exactly once."""
     seen: set[str] = set()
     for path in paths:
         for name, (shape, dtype) in file_table(path).items():
@@ -62,6 +63,9 @@ def check_parts(paths: list[str], table: dict[str, tuple[list[int], str]]) -> No
                 raise ValueError(f"weight update: {name!r} has shape {shape}, the engine's is {table[name][0]}")
             if dtype not in FLOAT_DTYPES:
                 raise ValueError(f"weight update: {name!r} has dtype {dtype}; expected a floating-point dtype")
+    missing = sorted(table.keys() - seen)
+    if missing:
+        raise ValueError(f"weight update: {len(missing)} tensors of the checkpoint are missing, e.g. {missing[0]!r}")
 
 
 def build_llm(settings: dict):

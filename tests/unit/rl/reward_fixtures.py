@@ -59,6 +59,8 @@ def kill_engine_on_second_call(prompts, completions, references, metadata, const
             if child.name == "posttrain-engine":
                 os.kill(child.pid, signal.SIGKILL)
                 child.join()
+        for pid in vllm_servers():
+            os.kill(pid, signal.SIGKILL)
     return [1.0 if constant else float(len(c) % 2) for c in completions]
 
 
@@ -95,3 +97,20 @@ def signal_and_go_on_second_call(prompts, completions, references, metadata, del
         time.sleep(delay)
         os.kill(os.getpid(), signal.SIGTERM)
     return [float(len(c) % 2) for c in completions]
+
+
+def vllm_servers() -> list[int]:
+    """Pids of this process's children that are vLLM engine servers."""
+    import os
+    from pathlib import Path
+
+    me, found = os.getpid(), []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if int((entry / "stat").read_text().split(")")[1].split()[1]) != me:
+                continue
+            if b"posttrain_vllm_server.py" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
