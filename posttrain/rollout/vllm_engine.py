@@ -114,7 +114,7 @@ class VLLMEngine:
     """
 
     def __init__(self, model_dir: str | Path, tokenizer=None, *, dtype: str = "float32",
-                 max_model_len: int = 1024, kv_cache_gib: float = 1.0, threads: int | None = None,
+                 max_model_len: int = 1024, kv_cache_gib: int = 1, threads: int | None = None,
                  python: str | Path | None = None, seed: int = 0, log_path: str | Path | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"the vLLM engine's dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -127,8 +127,7 @@ class VLLMEngine:
         self.dtype, self.python = dtype, vllm_python(python)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.settings = {"model_dir": self.model_dir, "dtype": dtype, "max_model_len": max_model_len, "seed": seed}
-        self.env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(kv_cache_gib))), "PYTHONPATH": str(SERVER_DIR),
-                    "VLLM_CONFIGURE_LOGGING": "1"}
+        self.env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "PYTHONPATH": str(SERVER_DIR)}
         if threads is not None:
             self.env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}"
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="posttrain-vllm-")) / "engine.log"
@@ -171,7 +170,14 @@ class VLLMEngine:
 
     def _accept(self, listener: Listener) -> Connection:
         accepted: list[Connection] = []
-        thread = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
+
+        def accept() -> None:
+            try:
+                accepted.append(listener.accept())
+            except OSError:  # the listener closed: the server never came
+                pass
+
+        thread = threading.Thread(target=accept, daemon=True)
         thread.start()
         deadline = time.monotonic() + START_TIMEOUT_S
         while not accepted:

@@ -39,6 +39,7 @@ from posttrain.tracking import Tracker
 from posttrain.tracking.logs import enable_console_logging
 from posttrain.train.checkpoint import AppState, save_checkpoint
 from posttrain.train.export import export_run
+from posttrain.train.flops import peak_for_precision
 from posttrain.train.meter import StepMeter
 from posttrain.train.objective import Objective
 from posttrain.train.optim import build_optimizer
@@ -244,6 +245,9 @@ def _build(recipe: Recipe, env: DistEnv, attempt: int, stop: StopFlag) -> _Run:
     total_steps = cfg.train.steps if cfg.train.steps is not None else count_steps(recipe, ctx, per_step)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
+    # The MFU denominator, measured (and cached) before the loader starts engine or reward-worker
+    # processes that would share the cores while it runs.
+    peak_for_precision(cfg.train.precision, env.device.type)
     loader = recipe.loader(ctx)
     counters: dict[str, Any] = {"step": 0, "tokens": 0, "trained_tokens": 0, "restarts": attempt}
     app_state = AppState(model, optimizer, scheduler, loader, counters)

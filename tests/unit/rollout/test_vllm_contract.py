@@ -93,3 +93,13 @@ def test_vllm_config_errors_are_named(checkpoint, task_dir, tmp_path):
     cfg = load(grpo_config(checkpoint, task_dir, tmp_path,
                            rollout={"engine": "vllm", "lm_head_fp32": True, "vllm": {"kv_cache_gib": 2}}))
     assert cfg.engine_dtype == "float32" and cfg.rollout.vllm.kv_cache_gib == 2
+
+
+def test_a_server_that_cannot_start_is_reported_with_its_reason(checkpoint, tmp_path):
+    """The whole start-up path (socket, authkey, settings, the server's own error, clean-up) with
+    an interpreter that has no vLLM: the server's failure reaches the caller as `EngineDied`."""
+    from posttrain.rollout.process_engine import EngineDied
+    from posttrain.rollout.vllm_engine import VLLMEngine
+
+    with pytest.raises(EngineDied, match="No module named 'vllm'"):
+        VLLMEngine(checkpoint, python=sys.executable, log_path=tmp_path / "engine.log")
