@@ -27,7 +27,8 @@ class RolloutBatch:
     """N = num_prompts * n samples in prompt-major order (all samples of prompt 0 first).
 
     `tokens`, `logprobs` and `raw_logprobs` are right-padded to the longest continuation `T`:
-    tokens with `pad_id`, log-probs with 0. `lengths` counts each sample's generated tokens (the
+    tokens with `pad_id`, log-probs with 0. An engine that cannot report `raw_logprobs` (vLLM off
+    plain sampling) fills them with NaN. `lengths` counts each sample's generated tokens (the
     stopping token included); `finish_reasons` are "stop" (EOS, stop token or stop string) or
     "length" (`max_new_tokens` reached). `policy_version` is the engine's weight version the
     whole batch was generated with.

@@ -194,7 +194,7 @@ def test_a_killed_server_is_restarted_and_leaves_nothing_behind(engine, prompts)
 
 def test_grpo_with_the_vllm_engine_survives_a_killed_server(smollm2_dir, task_dir, tmp_path, monkeypatch):
     """A bf16 vLLM engine under an fp32 trainer: the mismatch is measured; the server killed while
-    rollout 2 is scored is restarted at the next request (the weight sync) and the run finishes."""
+    rollout 2 is scored is restarted at its next request and the run finishes."""
     from posttrain.recipes.grpo import run_grpo
     from tests.integration.grpo_configs import grpo_config, load
 
@@ -206,7 +206,8 @@ def test_grpo_with_the_vllm_engine_survives_a_killed_server(smollm2_dir, task_di
     assert result.status == "finished" and result.steps == 3
     rows = [json.loads(line) for line in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
-    assert [r["rollout/engine_restarts"] for r in rows] == [0, 1, 1]
+    # killed while rollout 2 is scored; sleep is a no-op, so the next request is rollout 3's sync
+    assert [r["rollout/engine_restarts"] for r in rows] == [0, 0, 1]
     for row in rows:  # bf16 sampling, fp32 scoring: a real, small mismatch
         assert 1e-4 < row["mismatch/abs_logprob_diff"] < 0.5
     assert (Path(result.run_dir) / "vllm-engine-rank0.log").exists()
