@@ -252,7 +252,12 @@ class VLLMEngine:
             raise EngineDied("the vLLM engine is not running; restart() it")
         self._busy = True
         try:
-            self.conn.send((method, request))
+            try:
+                self.conn.send((method, request))
+            except OSError:  # the server is gone (a broken pipe)
+                self.close()
+                raise EngineDied(f"the vLLM engine is gone; its log, {self.log_path}, ends with:\n"
+                                 f"{self._log_tail()}") from None
             return self._answer()
         except (ValueError, EngineDied):
             raise

@@ -65,7 +65,7 @@ def scored_logprobs(model, prompt: list[int], tokens: list[int]) -> tuple[torch.
     """(log-probs of `tokens` after `prompt`, the top-2 logit gap at each position) in float64."""
     ids = torch.tensor([prompt + tokens])
     with torch.no_grad():
-        logits = model(ids)[0, len(prompt) - 1 : -1].double()
+        logits = model.logits(model(ids)[0, len(prompt) - 1 : -1]).double()
     top2 = logits.topk(2, dim=-1).values
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None])[:, 0], top2[:, 0] - top2[:, 1]
 
@@ -86,16 +86,22 @@ def test_greedy_fp32_agrees_with_the_native_engine(engine, model, tokenizer, pro
         assert gap[first] < 1e-3, f"prompt {i} parts at token {first} where the top-2 gap is {gap[first]}"
 
 
+# |engine log-prob - trainer log-prob| <= FACTOR[dtype] * eps(dtype) * (1 + |log-prob|). bf16: the
+# engine's weights and activations are rounded to 8 bits, a few units of eps after the softmax
+# (measured: 0.49 of the bound). fp32: the same weights, different kernels; summation-order
+# round-off grows over the 30 layers (measured: 0.33 of the bound, before and after an update).
+FACTOR = {"float32": 512, "bfloat16": 16}
+
+
 def worst_ratio(batch, model, dtype: str) -> float:
-    """max over sampled tokens of |engine log-prob - trainer log-prob| / (16 eps(dtype) (1 + |log-prob|)):
-    the engine's own rounding of the logits, amplified by at most a few units by the softmax."""
+    """max over sampled tokens of |engine log-prob - trainer log-prob| / the bound above."""
     eps = torch.finfo(getattr(torch, dtype)).eps
     worst = 0.0
     for i in range(len(batch)):
         tokens = batch.tokens[i, : batch.lengths[i]].tolist()
         expected, _ = scored_logprobs(model, batch.prompt_ids[i], tokens)
         got = batch.logprobs[i, : len(tokens)].double()
-        worst = max(worst, ((got - expected).abs() / (16 * eps * (1 + expected.abs()))).max().item())
+        worst = max(worst, ((got - expected).abs() / (FACTOR[dtype] * eps * (1 + expected.abs()))).max().item())
     return worst
 
 
@@ -214,27 +220,6 @@ def test_a_killed_server_is_restarted_and_leaves_nothing_behind(engine, prompts)
     assert torch.equal(engine.generate(prompts[:2], greedy).tokens, before.tokens)
 
 
-def test_grpo_with_the_vllm_engine_survives_a_killed_server(smollm2_dir, task_dir, tmp_path, monkeypatch):
-    """A bf16 vLLM engine under an fp32 trainer: the mismatch is measured; the server killed while
-    rollout 2 is scored is restarted at its next request and the run finishes."""
-    from posttrain.recipes.grpo import run_grpo
-    from tests.integration.grpo_configs import grpo_config, load
-
-    monkeypatch.delenv("POSTTRAIN_TEST_ENGINE_KILLS", raising=False)
-    cfg = load(grpo_config(smollm2_dir, task_dir, tmp_path, steps=3,
-                           rollout={"engine": "vllm", "dtype": "bfloat16", "prompts_per_step": 2, "n": 2},
-                           rewards=[{"fn": "tests.unit.rl.reward_fixtures:kill_engine_on_second_call"}]))
-    result = run_grpo(cfg)
-    assert result.status == "finished" and result.steps == 3
-    rows = [json.loads(line) for line in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "loss" in r]
-    # killed while rollout 2 is scored; sleep is a no-op, so the next request is rollout 3's sync
-    assert [r["rollout/engine_restarts"] for r in rows] == [0, 0, 1]
-    for row in rows:  # bf16 sampling, fp32 scoring: a real, small mismatch
-        assert 1e-4 < row["mismatch/abs_logprob_diff"] < 0.5
-    assert (Path(result.run_dir) / "vllm-engine-rank0.log").exists()
-
-
 def test_a_ray_actor_runs_the_vllm_server_and_reports_its_death(ray_instance, engine, smollm2_dir, prompts, tmp_path):
     """Under the Ray backend the engine actor starts the server on its node: same samples as a
     local server, and a killed server is `EngineDied` through the actor, then restarted."""
@@ -256,3 +241,25 @@ def test_a_ray_actor_runs_the_vllm_server_and_reports_its_death(ray_instance, en
         assert torch.equal(remote.generate(prompts[:2], sampling, n=2, seed=5).tokens, local.tokens)
     finally:
         remote.close()
+
+
+def test_grpo_with_the_vllm_engine_survives_a_killed_server(smollm2_dir, task_dir, tmp_path, monkeypatch):
+    """(Last in this module: its reward kills every vLLM server of this process.) A bf16 vLLM
+    engine under an fp32 trainer: the mismatch is measured; the server killed while
+    rollout 2 is scored is restarted at its next request and the run finishes."""
+    from posttrain.recipes.grpo import run_grpo
+    from tests.integration.grpo_configs import grpo_config, load
+
+    monkeypatch.delenv("POSTTRAIN_TEST_ENGINE_KILLS", raising=False)
+    cfg = load(grpo_config(smollm2_dir, task_dir, tmp_path, steps=3,
+                           rollout={"engine": "vllm", "dtype": "bfloat16", "prompts_per_step": 2, "n": 2},
+                           rewards=[{"fn": "tests.unit.rl.reward_fixtures:kill_engine_on_second_call"}]))
+    result = run_grpo(cfg)
+    assert result.status == "finished" and result.steps == 3
+    rows = [json.loads(line) for line in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    # killed while rollout 2 is scored; sleep is a no-op, so the next request is rollout 3's sync
+    assert [r["rollout/engine_restarts"] for r in rows] == [0, 0, 1]
+    for row in rows:  # bf16 sampling, fp32 scoring: a real, small mismatch
+        assert 1e-4 < row["mismatch/abs_logprob_diff"] < 0.5
+    assert (Path(result.run_dir) / "vllm-engine-rank0.log").exists()
