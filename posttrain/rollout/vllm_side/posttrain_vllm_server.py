@@ -91,6 +91,11 @@ def build_llm(settings: dict):
         model=settings["model_dir"], tokenizer=settings["model_dir"], dtype=settings["dtype"],
         max_model_len=settings["max_model_len"], seed=settings["seed"], enforce_eager=True,
         logprobs_mode="processed_logprobs", enable_prefix_caching=True,
+        # A prompt split over scheduler steps (chunked prefill) makes vLLM 0.32's CPU runner
+        # rewind a seeded sampler's offset, which CPU generators do not have (the engine dies:
+        # "CPU Generator does not use offset"); whole prompts per step avoid that path.
+        enable_chunked_prefill=False,
+        max_num_batched_tokens=max(settings["max_model_len"], 2048),  # 8192 made one step minutes long
         worker_extension_cls="posttrain_vllm_worker.WeightReloader",
     )
 
