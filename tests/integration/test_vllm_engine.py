@@ -222,6 +222,25 @@ def test_a_killed_server_is_restarted_and_leaves_nothing_behind(engine, prompts)
     assert torch.equal(engine.generate(prompts[:2], greedy).tokens, before.tokens)
 
 
+def test_a_client_that_is_terminated_leaves_no_vllm_process(smollm2_dir, tmp_path):
+    """SIGTERM ends a client without any clean-up of ours: its server and vLLM's engine core go too."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time\nfrom posttrain.rollout.vllm_engine import VLLMEngine\n"
+            f"e = VLLMEngine({str(smollm2_dir)!r}, max_model_len=512, log_path={str(tmp_path / 'e.log')!r})\n"
+            "print(e.pid, flush=True)\ntime.sleep(600)\n")
+    client = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    server = int(client.stdout.readline())
+    helpers = descendants(server) | {server}
+    client.terminate()
+    client.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in helpers) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [p for p in helpers if alive(p)], "vLLM processes outlived their client"
+
+
 def test_a_ray_actor_runs_the_vllm_server_and_reports_its_death(ray_instance, engine, smollm2_dir, prompts, tmp_path):
     """Under the Ray backend the engine actor starts the server on its node: same samples as a
     local server, and a killed server is `EngineDied` through the actor, then restarted."""

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import signal
-import sys
 import threading
 import time
 from multiprocessing.connection import Client
@@ -190,7 +189,9 @@ def main() -> None:
             conn.send(("fatal", f"{type(err).__name__}: {err}"))
         except OSError:
             pass
-        sys.exit(1)
+    # However serving ended (closed, the client gone, a failure), vLLM's engine-core processes,
+    # which interpreter exit does not always stop, go with this process's group.
+    os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 if __name__ == "__main__":
