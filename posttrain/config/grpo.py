@@ -32,7 +32,7 @@ class VLLMSettings(Section):
     """KV-cache memory vLLM reserves (VLLM_CPU_KVCACHE_SPACE on a CPU), kept while the trainer runs."""
 
     threads: int | None = Field(None, ge=1)
-    """CPU cores vLLM's threads are bound to (cores 0..threads-1); null: vLLM's own choice."""
+    """CPU cores vLLM's threads are bound to (the first of those the rank may use); null: vLLM's choice."""
 
 
 class RolloutConfig(Section):

@@ -21,8 +21,9 @@ numbers and lists cross it; weights go through shared memory:
 
 `raw_logprobs` (log-probs under the raw model) equal `logprobs` when sampling is plain
 (temperature 1, no top-k/top-p, no repetition penalty); otherwise vLLM reports only the processed
-kind and `raw_logprobs` is NaN on every token, so no metric can use it by mistake. Greedy decoding (`temperature=0`) reports 0.0 as the processed log-prob, the
-native engine's convention (the arg-max has probability 1).
+kind and `raw_logprobs` is NaN on every generated token (0 in padding), so no metric can use it
+by mistake. Greedy decoding (`temperature=0`) reports 0.0 as the processed log-prob, the native
+engine's convention (the arg-max has probability 1).
 
 If the server dies (killed, crashed, or a reload that failed inside vLLM), a request raises
 `EngineDied`; `restart()` starts a fresh one from the model directory, as for `ProcessEngine`.
@@ -49,12 +50,11 @@ from safetensors.torch import save_file
 from posttrain.models.generate import checkpoint_eos_ids, trim_at_stop
 from posttrain.models.sampling import SamplingParams
 from posttrain.rollout.engine import RolloutBatch
-from posttrain.rollout.process_engine import START_TIMEOUT_S, EngineDied
+from posttrain.rollout.process_engine import DTYPES, START_TIMEOUT_S, EngineDied
 
 SERVER_DIR = Path(__file__).resolve().parent / "vllm_side"
 DEFAULT_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
 PART_BYTES = 256 << 20
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def prompt_seed(seed: int, prompt_index: int) -> int:
@@ -116,7 +116,8 @@ class VLLMEngine:
 
     `tokenizer` defaults to the model directory's; the engine stops on the EOS ids the native
     engine uses (tokenizer, config.json, generation_config.json). `threads`: bind vLLM's threads to
-    cores 0..threads-1 (None: vLLM's choice); `log_path`: where the server's output goes.
+    the first `threads` cores this process may use (None: vLLM's choice); `log_path`: where the
+    server's output goes.
     """
 
     def __init__(self, model_dir: str | Path, tokenizer=None, *, dtype: str = "float32",
@@ -201,6 +202,11 @@ class VLLMEngine:
         except OSError:
             return "(no log)"
 
+    def _gone(self) -> EngineDied:
+        """Close what is left of a server that went away; the error to raise, with its log's tail."""
+        self.close()
+        return EngineDied(f"the vLLM engine is gone; its log, {self.log_path}, ends with:\n{self._log_tail()}")
+
     def close(self) -> None:
         """End the server and every vLLM process it started: the server leaves when its socket
         closes (at once if a request is in flight, e.g. a rollout generated ahead); then its
@@ -236,8 +242,7 @@ class VLLMEngine:
                     raise EOFError
             status, value = conn.recv()
         except (EOFError, OSError, AttributeError):  # AttributeError: closed by another thread
-            self.close()
-            raise EngineDied(f"the vLLM engine is gone; its log, {self.log_path}, ends with:\n{self._log_tail()}") from None
+            raise self._gone() from None
         if status == "fatal":
             self.close()
             raise EngineDied(f"the vLLM engine failed: {value}")
@@ -255,9 +260,7 @@ class VLLMEngine:
             try:
                 self.conn.send((method, request))
             except OSError:  # the server is gone (a broken pipe)
-                self.close()
-                raise EngineDied(f"the vLLM engine is gone; its log, {self.log_path}, ends with:\n"
-                                 f"{self._log_tail()}") from None
+                raise self._gone() from None
             return self._answer()
         except (ValueError, EngineDied):
             raise
