@@ -1,7 +1,10 @@
 """Rollout engines side by side: the native engine and vLLM on this machine.
 
     python bench/rollout_engines.py [--prompts 8] [--n 8] [--max-new-tokens 128] [--reps 3]
-                                    [--grpo-steps 4] [--engines "native fp32,vllm bf16"] [--output-dir DIR]
+                                    [--grpo-steps 4] [--engines "native fp32,vllm bf16"] [--vllm-threads N]
+                                    [--output-dir DIR]
+
+`--reps 0` skips the generation timing; `--engines` chooses the engines of both parts.
 
 1. Generation: SmolLM2-135M-Instruct, the first `--prompts` GSM8K questions (chat template), `n`
    samples each at temperature 1; generated tokens per second (median of `--reps` after one
@@ -76,13 +79,14 @@ def generation(args) -> list[dict]:
     log = Path(args.output_dir) / "vllm.log"
     makers = {
         "native fp32": lambda: NativeEngine(load_hf(model_dir, dtype=torch.float32), tokenizer),
-        "vllm fp32": lambda: VLLMEngine(model_dir, tokenizer, dtype="float32", max_model_len=1024, log_path=log),
-        "vllm bf16": lambda: VLLMEngine(model_dir, tokenizer, dtype="bfloat16", max_model_len=1024, log_path=log),
+        "vllm fp32": lambda: VLLMEngine(model_dir, tokenizer, dtype="float32", max_model_len=1024, log_path=log,
+                                        threads=args.vllm_threads),
+        "vllm bf16": lambda: VLLMEngine(model_dir, tokenizer, dtype="bfloat16", max_model_len=1024, log_path=log,
+                                        threads=args.vllm_threads),
     }
     print(f"generation: {len(prompts)} GSM8K prompts x n={args.n}, up to {args.max_new_tokens} new tokens, "
           f"temperature 1, {torch.get_num_threads()} threads", flush=True)
-    chosen = args.engines.split(",") if args.engines else list(makers)
-    return [time_engine(name, makers[name], prompts, sampling, args.n, args.reps) for name in chosen]
+    return [time_engine(name, makers[name], prompts, sampling, args.n, args.reps) for name in args.engines]
 
 
 def grpo_split(args, engine: str, dtype: str) -> dict:
@@ -93,8 +97,10 @@ def grpo_split(args, engine: str, dtype: str) -> dict:
     from posttrain.recipes.grpo import run_grpo
 
     out = Path(args.output_dir) / f"grpo-{engine}-{dtype}"
+    no_eval = ["eval.sources=[]", "eval.at_start=false", "eval.every_steps=null", "eval.scorer=null"]
+    threads = [f"rollout.vllm.threads={args.vllm_threads}"] if args.vllm_threads else []
     overrides = [f"output_dir={out}", f"model.path={EXPORT}", f"data.sources.0.path={TASK / 'train.jsonl'}",
-                 f"train.steps={args.grpo_steps}", "tracking.console=false", "eval.enabled=false",
+                 f"train.steps={args.grpo_steps}", "tracking.console=false", *no_eval, *threads,
                  "checkpoint.save_at_end=false", f"rollout.engine={engine}", f"rollout.dtype={dtype}"]
     cfg = load_config(REPO / "configs" / "grpo_demo_addition.yaml", overrides, GRPOConfig)
     result = run_grpo(cfg)
@@ -116,21 +122,25 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=3, help="0 skips the generation timing")
     parser.add_argument("--grpo-steps", type=int, default=4, help="0 skips the GRPO split")
     parser.add_argument("--engines", help="comma-separated subset of: native fp32,vllm fp32,vllm bf16")
+    parser.add_argument("--vllm-threads", type=int, help="rollout.vllm.threads (default: vLLM's own binding, "
+                        "which reserves one core for its front end)")
     parser.add_argument("--output-dir")
     args = parser.parse_args()
+    args.engines = args.engines.split(",") if args.engines else ["native fp32", "vllm fp32", "vllm bf16"]
     args.output_dir = args.output_dir or tempfile.mkdtemp(prefix="rollout-engines-")
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    rows = generation(args)
+    rows = generation(args) if args.reps else []
     for row in rows[1:]:
         print(f"{row['engine']} / {rows[0]['engine']}: {row['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x "
               "generated tokens/s")
     if args.grpo_steps:
         print(f"GRPO step split (demo addition config, {args.grpo_steps} steps, medians after the first):")
-        for engine, dtype in (("native", "float32"), ("vllm", "float32"), ("vllm", "bfloat16")):
-            grpo_split(args, engine, dtype)
+        for name in args.engines:
+            engine, dtype = name.split()
+            grpo_split(args, engine, {"fp32": "float32", "bf16": "bfloat16"}[dtype])
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def run_ours(args: argparse.Namespace, workdir: Path) -> dict:
         "tracking": {"console": False, "tensorboard": False},
         "checkpoint": {"save_at_end": False, "resume": "never"},
     }))
-    cfg = load_config(cfg_path, [], SFTConfig)
+    cfg = load_config(cfg_path, getattr(args, "overrides", []), SFTConfig)
     result = run_sft(cfg)
     metrics = [json.loads(x) for x in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]
     steps_m = [m for m in metrics if "loss" in m]

@@ -32,7 +32,8 @@ class VLLMSettings(Section):
     """KV-cache memory vLLM reserves (VLLM_CPU_KVCACHE_SPACE on a CPU), kept while the trainer runs."""
 
     threads: int | None = Field(None, ge=1)
-    """CPU cores vLLM's threads are bound to (the first of those the rank may use); null: vLLM's choice."""
+    """CPU cores vLLM's threads are bound to: the first `threads` of this rank's equal share of the
+    node's usable cores; null: the whole share (vLLM's own default would keep one core idle)."""
 
 
 class RolloutConfig(Section):

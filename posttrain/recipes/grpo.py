@@ -124,6 +124,7 @@ class GRPORecipe:
         v = self.cfg.rollout.vllm
         return {"dtype": self.cfg.engine_dtype, "max_model_len": self.cfg.data.max_length,
                 "kv_cache_gib": v.kv_cache_gib, "threads": v.threads, "python": v.python,
+                "local_rank": ctx.env.local_rank, "local_world_size": ctx.env.local_world_size,
                 "seed": self.cfg.train.seed, "log_path": str(Path(self.cfg.run_dir) / f"vllm-engine-rank{ctx.env.rank}.log")}
 
     def _teacher(self, ctx: TrainContext) -> FrozenModel:

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from posttrain.models.generate import checkpoint_eos_ids, trim_at_stop
+from posttrain.models.generate import GenerationOutput, checkpoint_eos_ids, trim_at_stop
 from posttrain.models.sampling import SamplingParams
 from posttrain.rollout.engine import RolloutBatch
 from posttrain.rollout.process_engine import DTYPES, START_TIMEOUT_S, EngineDied
@@ -111,18 +111,40 @@ def write_parts(named_tensors: Iterable[tuple[str, torch.Tensor]], part_dir: Pat
     return paths
 
 
+def thread_cores(threads: int | None, local_rank: int = 0, local_world_size: int = 1) -> list[int]:
+    """The cores this rank's vLLM threads are bound to.
+
+    Each of the node's `local_world_size` ranks gets an equal share of the cores this process may
+    use, and `threads` (when given) the first that many of its share. vLLM's own default binding
+    reserves one core for its front end, which on a 2-core machine halves generation (measured:
+    93 vs 148 tokens/s, `bench/RESULTS.md`); a colocated trainer waits while its engine generates,
+    so the engine gets every core of its share.
+    """
+    available = sorted(os.sched_getaffinity(0))
+    share = max(1, len(available) // max(1, local_world_size))
+    start = (local_rank % max(1, local_world_size)) * share
+    mine = available[start : start + share] or available[:share]
+    if threads is not None:
+        if threads > len(mine):
+            raise ValueError(f"rollout.vllm.threads={threads} but this rank's share of the cores is {len(mine)} "
+                             f"({len(available)} usable, {local_world_size} ranks on the node)")
+        mine = mine[:threads]
+    return mine
+
+
 class VLLMEngine:
     """The engine interface over a vLLM server process (see the module docstring).
 
     `tokenizer` defaults to the model directory's; the engine stops on the EOS ids the native
-    engine uses (tokenizer, config.json, generation_config.json). `threads`: bind vLLM's threads to
-    the first `threads` cores this process may use (None: vLLM's choice); `log_path`: where the
-    server's output goes.
+    engine uses (tokenizer, config.json, generation_config.json). vLLM's threads are bound to
+    `thread_cores(threads, local_rank, local_world_size)`; `log_path`: where the server's output
+    goes.
     """
 
     def __init__(self, model_dir: str | Path, tokenizer=None, *, dtype: str = "float32",
                  max_model_len: int = 1024, kv_cache_gib: int = 1, threads: int | None = None,
-                 python: str | Path | None = None, seed: int = 0, log_path: str | Path | None = None):
+                 local_rank: int = 0, local_world_size: int = 1, python: str | Path | None = None,
+                 seed: int = 0, log_path: str | Path | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"the vLLM engine's dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if tokenizer is None:
@@ -134,10 +156,9 @@ class VLLMEngine:
         self.dtype, self.python = dtype, vllm_python(python)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.settings = {"model_dir": self.model_dir, "dtype": dtype, "max_model_len": max_model_len, "seed": seed}
-        self.env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "PYTHONPATH": str(SERVER_DIR)}
-        if threads is not None:  # the first `threads` of the cores this process may use
-            cores = sorted(os.sched_getaffinity(0))[:threads]
-            self.env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
+        cores = thread_cores(threads, local_rank, local_world_size)
+        self.env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "PYTHONPATH": str(SERVER_DIR),
+                    "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores))}
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="posttrain-vllm-")) / "engine.log"
         self.process: subprocess.Popen | None = None
         self.conn: Connection | None = None
@@ -291,30 +312,26 @@ class VLLMEngine:
         return self._batch(prompt_ids, prompt_index, per_prompt, sampling, strings)
 
     def _batch(self, prompt_ids, prompt_index, per_prompt, sampling: SamplingParams, strings) -> RolloutBatch:
+        """The server's (ids, log-probs, finish reason) per sample as a `RolloutBatch`. Greedy
+        log-probs are 0.0 (our convention); raw log-probs equal the processed ones under plain
+        sampling and are NaN on generated tokens otherwise (vLLM reports one kind only)."""
         samples = [(p, s, *sample) for p, group in enumerate(per_prompt) for s, sample in enumerate(group)]
-        width = max((len(ids) for _, _, ids, _, _ in samples), default=0)
-        tokens = torch.full((len(samples), width), self.pad_id, dtype=torch.long)
-        logprobs = torch.zeros(len(samples), width, dtype=torch.float32)
-        for i, (_, _, ids, lps, _) in enumerate(samples):
-            tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            if sampling.temperature > 0:
-                logprobs[i, : len(lps)] = torch.tensor(lps, dtype=torch.float32)
         plain = (sampling.temperature == 1.0 and sampling.top_p == 1.0 and sampling.top_k == 0
                  and sampling.repetition_penalty == 1.0)
-        raw = logprobs.clone()
-        if not plain:
-            raw[torch.arange(width) < torch.tensor([len(ids) for _, _, ids, _, _ in samples])[:, None]] = float("nan")
-        texts = [trim_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), strings)
-                 for _, _, ids, _, _ in samples]
-        return RolloutBatch(
-            prompt_index=torch.tensor([prompt_index[p] for p, *_ in samples], dtype=torch.long),
-            sample_index=torch.tensor([s for _, s, *_ in samples], dtype=torch.long),
-            prompt_ids=[list(prompt_ids[p]) for p, *_ in samples], tokens=tokens,
-            lengths=torch.tensor([len(ids) for _, _, ids, _, _ in samples], dtype=torch.long),
-            logprobs=logprobs, raw_logprobs=raw,
+        logprobs = [list(map(float, lps)) if sampling.temperature > 0 else [0.0] * len(ids)
+                    for _, _, ids, lps, _ in samples]
+        out = GenerationOutput(
+            prompt_ids=[list(prompt_ids[p]) for p, *_ in samples],
+            token_ids=[list(ids) for _, _, ids, _, _ in samples],
+            logprobs=logprobs,
+            raw_logprobs=logprobs if plain else [[float("nan")] * len(lps) for lps in logprobs],
             finish_reasons=["length" if reason == "length" else "stop" for *_, reason in samples],
-            policy_version=self._version, pad_id=self.pad_id, texts=texts,
+            texts=[trim_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), strings)
+                   for _, _, ids, _, _ in samples],
+            prompt_index=[prompt_index[p] for p, *_ in samples],
+            sample_index=[s for _, s, *_ in samples],
         )
+        return RolloutBatch.from_generation(out, self.pad_id, self._version)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> None:
         """Write the stream as safetensors parts in shared memory; the server checks and reloads them."""

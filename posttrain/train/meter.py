@@ -17,6 +17,16 @@ from posttrain.train.objectives import document_lengths
 from posttrain.train.step import StepStats
 
 
+def compile_seconds() -> float:
+    """Seconds `torch.compile` has spent compiling in this process so far (Dynamo's own clock,
+    backend compilation included); 0.0 where this torch does not keep that clock."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return 0.0
+    return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -56,18 +66,22 @@ class StepMeter:
 
     def metrics(
         self, stats: StepStats, micro: Sequence[PackedBatch], elapsed: float, lr: float,
-        counters: dict[str, Any], loader: Any,
+        counters: dict[str, Any], loader: Any, compile_s: float = 0.0,
     ) -> dict[str, Any]:
+        """`elapsed`: the step's wall time; `compile_s` of it went to `torch.compile` (logged apart,
+        and left out of the throughput and MFU, so a compiling step does not look slow)."""
         capacity = sum(mb.input_ids.numel() for mb in micro)
         data = loader.counters
+        running = max(elapsed - compile_s, 1e-9)
         out = {
             "loss": stats.loss,
             "grad_norm": stats.grad_norm,
             "lr": lr,
-            "tokens_per_s": stats.num_tokens / elapsed,
-            "trained_tokens_per_s": stats.num_trained_tokens / elapsed,
-            "mfu": mfu(self.flops(micro), elapsed, self.peak),
+            "tokens_per_s": stats.num_tokens / running,
+            "trained_tokens_per_s": stats.num_trained_tokens / running,
+            "mfu": mfu(self.flops(micro), running, self.peak),
             "step_time_s": elapsed,
+            "compile_s": compile_s,
             "peak_memory_gb": peak_memory_bytes(self.device) / 2**30,
             "packing_efficiency": sum(mb.num_tokens for mb in micro) / capacity,
             "tokens": counters["tokens"],
@@ -80,7 +94,7 @@ class StepMeter:
             "epoch": loader.epoch,
         }
         if self.unit != "tokens":
-            out[f"{self.unit}_per_s"] = stats.num_units / elapsed
+            out[f"{self.unit}_per_s"] = stats.num_units / running
         out.update(stats.metrics)
         if hasattr(loader, "step_metrics"):  # a StepLoader's own (RL: the rollout's)
             out.update(loader.step_metrics())

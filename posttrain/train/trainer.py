@@ -40,7 +40,7 @@ from posttrain.tracking.logs import enable_console_logging
 from posttrain.train.checkpoint import AppState, save_checkpoint
 from posttrain.train.export import export_run
 from posttrain.train.flops import peak_for_precision
-from posttrain.train.meter import StepMeter
+from posttrain.train.meter import StepMeter, compile_seconds
 from posttrain.train.objective import Objective
 from posttrain.train.optim import build_optimizer
 from posttrain.train.resume import ResumePoint, choose_checkpoint, load_resume_point
@@ -297,12 +297,12 @@ def _checkpoint(run: _Run, step: int) -> None:
 def _one_step(run: _Run, micro: list) -> int:
     """Train on `micro`, advance the schedule and counters, log; returns the new step number."""
     cfg, device = run.cfg, run.ctx.env.device
-    started = time.perf_counter()
+    started, compiling = time.perf_counter(), compile_seconds()
     stats = train_step(run.model, run.optimizer, micro, run.objective, grad_clip=cfg.train.grad_clip,
                        precision=cfg.train.precision, device=device, dp_group=run.ctx.dp.group)
     lr = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
-    elapsed = time.perf_counter() - started
+    elapsed, compiling = time.perf_counter() - started, compile_seconds() - compiling
     step = run.result.steps + 1
     run.counters["step"] = step
     run.counters["tokens"] += stats.num_tokens
@@ -310,7 +310,7 @@ def _one_step(run: _Run, micro: list) -> int:
     run.result.losses.append(stats.loss)
     run.result.steps = step
     if step % cfg.train.log_every == 0 or step == run.total_steps:
-        run.tracker.log(step, run.meter.metrics(stats, micro, elapsed, lr, run.counters, run.loader))
+        run.tracker.log(step, run.meter.metrics(stats, micro, elapsed, lr, run.counters, run.loader, compiling))
     return step
 
 

@@ -209,13 +209,19 @@ def test_activation_checkpointing_gives_same_step(tiny_checkpoints, task_dir, tm
 
 
 @pytest.mark.slow
-def test_compile_gives_same_loss(tiny_checkpoints, task_dir, tmp_path):
-    losses = []
+def test_compile_gives_same_loss_and_its_time_is_logged_apart(tiny_checkpoints, task_dir, tmp_path):
+    losses, compile_s = [], []
     for compiled in (False, True):
         cfg_path = write_config(tmp_path / f"cfg{compiled}.yaml", tiny_checkpoints["llama"], task_dir,
-                                tmp_path / str(compiled), train={"steps": 3}, model={"compile": compiled})
-        losses.append(run_sft(load(cfg_path)).losses)
+                                tmp_path / str(compiled), train={"steps": 3, "log_every": 1},
+                                model={"compile": compiled})
+        result = run_sft(load(cfg_path))
+        losses.append(result.losses)
+        rows = [json.loads(line) for line in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]
+        compile_s.append([r["compile_s"] for r in rows if "loss" in r])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert compile_s[0] == [0.0, 0.0, 0.0]
+    assert compile_s[1][0] > 0.5 and compile_s[1][1:] == [0.0, 0.0]  # compiled once, in the first step
 
 
 # ------------------------------------------------------------------------------------ bad config

@@ -9,6 +9,10 @@ it off the math kernel (see `sdpa_expands_kv`).
 
 * `sdpa`: `torch.nn.functional.scaled_dot_product_attention` with a dense boolean mask
   (document-causal, padding, sliding window); the causal fast path when nothing else applies.
+  On CPU, for full attention without a KV cache, it runs each document of a packed row as its
+  own causal call instead: with a dense mask the CPU kernel computes every (query, key) block of
+  the row, per document only the causal blocks of each document (see `sdpa_per_document`). The
+  CPU path stays eager inside compiled blocks (a graph break around attention).
 * `flex`: FlexAttention with a block mask built from the same rule; compiled on GPU, eager on CPU.
 * `flash_varlen`: flash-attn's varlen kernel over `cu_seqlens`; only when `flash_attn` is
   importable, and not for KV-cache decoding (use `sdpa` there).
@@ -51,9 +55,51 @@ def _sdpa_causal_fast_path(meta: AttentionMeta, window: int | None) -> bool:
     return meta.plain_causal and window is None and meta.q_offset == 0
 
 
+def _per_document(meta: AttentionMeta, window: int | None, device_type: str) -> bool:
+    """Whether the CPU per-document path may apply: CPU, full attention, no KV cache."""
+    return device_type == "cpu" and window is None and meta.q_offset == 0 and not meta.plain_causal
+
+
+def document_runs(meta: AttentionMeta) -> list[list[int]] | None:
+    """Per row, the lengths of its runs of equal segment ids (documents; padding is a run too).
+
+    None when some segment id occurs in two runs of one row (a padding mask with holes): its
+    runs would see each other under the dense rule, so the per-document path does not apply.
+    """
+    cu, _ = meta.varlen_boundaries()
+    bounds, runs, length = cu.tolist(), [[] for _ in range(meta.batch_size)], meta.q_len
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        runs[start // length].append(end - start)
+    distinct = [len(row.unique()) for row in meta.q_segments]
+    return runs if all(len(r) == d for r, d in zip(runs, distinct)) else None
+
+
 def _prepare_sdpa(meta: AttentionMeta, window: int | None) -> None:
+    if _per_document(meta, window, meta.q_segments.device.type):
+        if meta.cached("runs", lambda: document_runs(meta)) is not None:
+            return
     if not _sdpa_causal_fast_path(meta, window):
         meta.cached(("sdpa", window), lambda: dense_mask(meta, window))
+
+
+def sdpa_per_document(q, k, v, runs: list[list[int]], scale: float) -> torch.Tensor:
+    """Causal SDPA on each document of each row, outputs concatenated back in place.
+
+    `runs[b]` are row `b`'s document lengths (they sum to the row length). Splitting by
+    `torch.split` keeps the backward one concatenation per tensor.
+    """
+    gqa = q.shape[1] != k.shape[1]
+    rows = []
+    for b, lengths in enumerate(runs):
+        if len(lengths) == 1:
+            parts = [F.scaled_dot_product_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], is_causal=True,
+                                                    scale=scale, enable_gqa=gqa)]
+        else:
+            qs, ks, vs = (x[b : b + 1].split(lengths, dim=2) for x in (q, k, v))
+            parts = [F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale, enable_gqa=gqa)
+                     for qd, kd, vd in zip(qs, ks, vs)]
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
 
 
 def sdpa_expands_kv(device_type: str, dtype: torch.dtype, masked: bool) -> bool:
@@ -71,6 +117,22 @@ def sdpa_expands_kv(device_type: str, dtype: torch.dtype, masked: bool) -> bool:
 
 
 def sdpa_attention(q, k, v, meta: AttentionMeta, window: int | None, scale: float) -> torch.Tensor:
+    if q.device.type == "cpu":
+        return _sdpa_cpu(q, k, v, meta, window, scale)
+    return _sdpa_dense(q, k, v, meta, window, scale)
+
+
+@torch.compiler.disable
+def _sdpa_cpu(q, k, v, meta: AttentionMeta, window: int | None, scale: float) -> torch.Tensor:
+    """Always eager, even inside a compiled block: the per-document lengths are a Python list,
+    which compiled code would specialise on (one recompilation per batch layout)."""
+    runs = meta.cached("runs", lambda: document_runs(meta)) if _per_document(meta, window, "cpu") else None
+    if runs is not None:
+        return sdpa_per_document(q, k, v, runs, scale)
+    return _sdpa_dense(q, k, v, meta, window, scale)
+
+
+def _sdpa_dense(q, k, v, meta: AttentionMeta, window: int | None, scale: float) -> torch.Tensor:
     fast = _sdpa_causal_fast_path(meta, window)
     mask = None if fast else meta.cached(("sdpa", window), lambda: dense_mask(meta, window))
     gqa = q.shape[1] != k.shape[1]

@@ -184,6 +184,42 @@ def test_backends_match_a_naive_reference(backend, window, sdpa_repeats_kv):
     torch.testing.assert_close(causal, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cu", [[0, 4, 10, 13, 20], [0, 10, 20], [0, 1, 2, 10, 19, 20]],
+                         ids=["two-docs-per-row", "one-doc-per-row", "single-token-docs"])
+def test_sdpa_per_document_path_matches_the_reference_with_gradients(cu):
+    torch.manual_seed(0)
+    batch, length = 2, 10
+    q = torch.randn(batch, 4, length, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(batch, 2, length, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(batch, 2, length, 8, dtype=torch.float64, requires_grad=True)
+    meta = packed_attention(torch.tensor(cu, dtype=torch.int32), 10, batch, length)
+    backends.prepare_attention("sdpa", meta, [None])
+    assert meta.masks["runs"] is not None and ("sdpa", None) not in meta.masks  # no dense mask built
+    assert [sum(r) for r in meta.masks["runs"]] == [length] * batch
+    seg = meta.q_segments
+    i = torch.arange(length)
+    allowed = ((i[None, :] <= i[:, None])[None] & (seg[:, :, None] == seg[:, None, :]))[:, None]
+    out = get_backend("sdpa")(q, k, v, meta, None, 0.3)
+    expected = naive_attention(q, k, v, allowed, 0.3)
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad((out * expected.detach()).sum(), (q, k, v))
+    expected_grads = torch.autograd.grad((expected * expected.detach()).sum(), (q, k, v))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_sdpa_per_document_path_is_not_taken_where_it_would_be_wrong():
+    holes = padded_attention(torch.tensor([[1, 1, 0, 1, 1]]))  # the two real runs see each other
+    backends.prepare_attention("sdpa", holes, [None])
+    assert holes.masks["runs"] is None and ("sdpa", None) in holes.masks
+    left = padded_attention(torch.tensor([[0, 0, 1, 1, 1]]))
+    backends.prepare_attention("sdpa", left, [None])
+    assert left.masks["runs"] == [[2, 3]]
+    windowed = packed_attention(torch.tensor([0, 4, 10], dtype=torch.int32), 6, 1, 10)
+    backends.prepare_attention("sdpa", windowed, [3])
+    assert "runs" not in windowed.masks  # sliding layers keep the dense mask
+
+
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="sdpa"):
         get_backend("xformers")
@@ -251,4 +287,29 @@ def test_masks_are_built_once_per_window_before_the_layers():
     model.init_weights()
     meta = packed_attention(torch.tensor([0, 5, 12], dtype=torch.int32), 7, 1, 12)
     model(torch.randint(0, 100, (1, 12)), attn=meta)
-    assert set(meta.masks) == {("sdpa", None), ("sdpa", 4)}
+    assert set(meta.masks) == {"runs", ("sdpa", 4)}  # on CPU full layers run per document
+
+
+def test_compiled_blocks_keep_the_per_document_path_without_recompiling():
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    model = Decoder(tiny_args(num_layers=2))
+    model.init_weights()
+    layouts = ([0, 5, 12], [0, 3, 9, 12], [0, 12])
+    eager = [model(torch.arange(12)[None] % 100, attn=packed_attention(torch.tensor(cu, dtype=torch.int32), 12, 1, 12))
+             for cu in layouts]
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    for block in model.layers:
+        block.compile(backend=counter)
+    for cu, expected in zip(layouts, eager):
+        meta = packed_attention(torch.tensor(cu, dtype=torch.int32), 12, 1, 12)
+        torch.testing.assert_close(model(torch.arange(12)[None] % 100, attn=meta), expected)
+        assert "runs" in meta.masks and ("sdpa", None) not in meta.masks
+    frames = counter.frame_count
+    assert frames > 0
+    meta = packed_attention(torch.tensor([0, 1, 12], dtype=torch.int32), 11, 1, 12)
+    model(torch.arange(12)[None] % 100, attn=meta)
+    assert counter.frame_count == frames  # a new layout compiles nothing new
+    torch._dynamo.reset()

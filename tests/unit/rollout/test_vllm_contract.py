@@ -13,7 +13,7 @@ from posttrain.config import ConfigError
 from posttrain.demo_task import write_task
 from posttrain.models.hf import load_hf
 from posttrain.parallel.export import iter_hf_tensors_for_sync
-from posttrain.rollout.vllm_engine import SERVER_DIR, prompt_seed, vllm_python, write_parts
+from posttrain.rollout.vllm_engine import SERVER_DIR, prompt_seed, thread_cores, vllm_python, write_parts
 from tests.integration.grpo_configs import grpo_config, load
 
 sys.path.insert(0, str(SERVER_DIR))
@@ -103,3 +103,16 @@ def test_a_server_that_cannot_start_is_reported_with_its_reason(checkpoint, tmp_
 
     with pytest.raises(EngineDied, match="No module named 'vllm'"):
         VLLMEngine(checkpoint, python=sys.executable, log_path=tmp_path / "engine.log")
+
+
+def test_vllm_threads_get_an_equal_share_of_the_usable_cores_per_rank(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6, 7, 8, 9})
+    assert thread_cores(None) == [4, 5, 6, 7, 8, 9]  # every core, none reserved
+    assert thread_cores(2) == [4, 5]
+    assert thread_cores(None, local_rank=1, local_world_size=2) == [7, 8, 9]
+    assert thread_cores(1, local_rank=2, local_world_size=3) == [8]
+    assert thread_cores(None, local_rank=0, local_world_size=8) == [4]  # more ranks than cores: one each
+    with pytest.raises(ValueError, match=r"threads=4 but this rank's share of the cores is 3"):
+        thread_cores(4, local_rank=0, local_world_size=2)
