@@ -76,6 +76,7 @@ def run_ours(args: argparse.Namespace, workdir: Path) -> dict:
         "trained_tokens": [m["trained_tokens_per_s"] * m["step_time_s"] for m in steps_m],
         "tokens": [m["tokens_per_s"] * m["step_time_s"] for m in steps_m],
         "mfu": [m["mfu"] for m in steps_m],
+        "compile_s": [m.get("compile_s", 0.0) for m in steps_m],
         "loss": [m["loss"] for m in steps_m],
         "peak_memory_gib": steps_m[-1]["peak_memory_gb"],
     }
@@ -154,6 +155,8 @@ def summarise(side: dict, warmup: int) -> dict:
     }
     if "mfu" in side:
         out["mfu"] = statistics.median(side["mfu"][warmup:])
+    if side.get("loss"):
+        out["first_loss"] = side["loss"][0]
     return out
 
 
@@ -191,9 +194,9 @@ def main() -> None:
     if args.device == "cpu":  # both sides on the CPU even where a GPU is visible (ours would pick it)
         env["CUDA_VISIBLE_DEVICES"] = ""
 
-    peaks = {name: measure_matmul_peak(dtype, args.device) for name, dtype in
-             (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    print(f"measured matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {name: measure_matmul_peak(dtypes[name], args.device) for name in args.precisions.split(",")}
+    print("measured matmul peak: " + ", ".join(f"{name} {peak / 1e9:.0f} GFLOP/s" for name, peak in peaks.items()))
     for precision in args.precisions.split(","):
         results = {}
         for side in ("ours", "trl"):

@@ -32,4 +32,27 @@ class WeightReloader:
                         yield name, f.get_tensor(name).to(target)
 
         self.model_runner.reload_weights(weights_iterator=tensors())
+        refresh_shared_weights(self.model_runner.model)
         return count
+
+
+def refresh_shared_weights(model: torch.nn.Module) -> int:
+    """Re-run weight post-processing on every layer whose weight another layer shares.
+
+    A tied LM head shares the embedding's weight, but vLLM's reload only post-processes layers it
+    loaded a tensor into: on a CPU, the head's prepacked GEMM copy (`cpu_linear`) would keep the
+    old weights and score every token with a stale head. Returns how many layers were refreshed.
+    """
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and getattr(module, "quant_method", None) is not None \
+                and weight.numel():
+            owners.setdefault(weight.data_ptr(), []).append(module)
+    refreshed = 0
+    for modules in owners.values():
+        if len(modules) > 1:
+            for module in modules:
+                module.quant_method.process_weights_after_loading(module)
+                refreshed += 1
+    return refreshed

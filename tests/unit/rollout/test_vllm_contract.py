@@ -116,3 +116,23 @@ def test_vllm_threads_get_an_equal_share_of_the_usable_cores_per_rank(monkeypatc
     assert thread_cores(None, local_rank=0, local_world_size=8) == [4]  # more ranks than cores: one each
     with pytest.raises(ValueError, match=r"threads=4 but this rank's share of the cores is 3"):
         thread_cores(4, local_rank=0, local_world_size=2)
+
+
+def test_layers_sharing_a_weight_are_post_processed_again_after_a_reload():
+    import posttrain_vllm_worker as worker
+
+    class Method:  # vLLM's quant method: post-processing repacks the layer's weight (CPU)
+        def __init__(self):
+            self.calls = []
+
+        def process_weights_after_loading(self, layer):
+            self.calls.append(layer)
+
+    model = torch.nn.Module()
+    model.embed, model.head, model.proj = (torch.nn.Module() for _ in range(3))
+    shared = torch.nn.Parameter(torch.ones(4, 2))
+    for module, weight in ((model.embed, shared), (model.head, shared), (model.proj, torch.nn.Parameter(torch.ones(2, 2)))):
+        module.weight, module.quant_method = weight, Method()
+    assert worker.refresh_shared_weights(model) == 2
+    assert model.embed.quant_method.calls == [model.embed] and model.head.quant_method.calls == [model.head]
+    assert model.proj.quant_method.calls == []  # a weight of its own was post-processed by the reload
