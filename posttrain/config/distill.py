@@ -3,7 +3,8 @@
 The common recipe sections (`data:` holds conversations, like SFT: the trained assistant tokens
 are where the teacher is matched), plus:
 
-    teacher:   the frozen teacher (a FrozenModelConfig with a path); same tokenizer as the student
+    teacher:   the frozen teacher (a FrozenModelConfig with a path, and where it runs); same
+               tokenizer as the student
     distill:   the divergence, its temperature and beta, its weight against the CE on the labels,
                and where the teacher's distribution comes from (live, or a top-k table)
     model.init_from: {teacher: true, layers: [...]}  a student made of some of the teacher's layers
@@ -48,6 +49,22 @@ class StudentModelConfig(ModelConfig):
         return self
 
 
+class TeacherConfig(FrozenModelConfig):
+    """The distillation teacher: a frozen model, in the student's processes or beside them."""
+
+    placement: Literal["colocated", "separate"] = "colocated"
+    """colocated: the teacher runs in each student rank's process (sharded like the student unless
+    `shard: false`); separate: each rank's teacher is a whole copy in a Ray actor with `cpus` CPUs of
+    its own (launcher.backend: ray), for a teacher that does not fit beside the student. Its final
+    hidden states come back as tensors over a two-process gloo group; its head is sent once."""
+
+    cpus: float = Field(1.0, gt=0)
+    """CPUs reserved for each teacher actor of `placement: separate` (its torch threads)."""
+
+    timeout_s: float = Field(600.0, gt=0)
+    """`placement: separate`: how long a rank waits for its teacher's answer before giving up."""
+
+
 class DistillSection(Section):
     """The distillation loss and the teacher's signal."""
 
@@ -78,7 +95,7 @@ class DistillConfig(RecipeConfig):
     RESUME_MUTABLE: ClassVar[tuple[str, ...]] = RecipeConfig.RESUME_MUTABLE
 
     model: StudentModelConfig  # type: ignore[assignment]
-    teacher: FrozenModelConfig
+    teacher: TeacherConfig
     distill: DistillSection = Field(default_factory=DistillSection)
 
     @model_validator(mode="after")
@@ -89,4 +106,10 @@ class DistillConfig(RecipeConfig):
         if self.teacher.path is None:
             raise FieldError("teacher.path", "distillation needs a teacher; set teacher.path")
         check_position_limit(self.teacher.path, self.data.max_length)
+        if self.teacher.placement == "separate" and self.launcher.backend != "ray":
+            raise FieldError("teacher.placement", "separate places the teacher on Ray actors of its own; "
+                             "set launcher.backend: ray (or placement: colocated)")
+        if self.teacher.placement == "separate" and self.launcher.gpus_per_worker > 0:
+            raise FieldError("teacher.placement", "separate runs the teacher on CPUs and sends its hidden "
+                             "states over gloo; a GPU teacher actor is not built yet (use placement: colocated)")
         return self

@@ -3,8 +3,6 @@ recompute the rest in backward."""
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -49,5 +47,5 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
         raise ValueError("activation checkpointing needs a model with a `layers` ModuleList")
     for i, block in enumerate(layers):
         layers[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
-                                       context_fn=partial(_context))
+                                       context_fn=_context)
     return len(layers)

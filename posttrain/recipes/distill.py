@@ -4,8 +4,10 @@ The student is `model.path`, or made once from the teacher's layers (`model.init
 `<run_dir>/student_init`, an ordinary HF directory. Teacher and student tokenizers are compared
 before any weight loads. The objective (`train/distill.py`) matches the teacher on the trained
 tokens of SFT data, with the teacher live or from a top-k table computed by one pass before
-training (`train/teacher_cache.py`). Data, held-out metrics (the objective's: divergence, CE,
-teacher CE, agreement) and scored generation are SFT's (`PackedDataRecipe`).
+training (`train/teacher_cache.py`); with `teacher.placement: separate` the teacher runs in a Ray
+actor per rank (`teacher_actor.py`), for the live signal and the top-k pass alike. Data, held-out
+metrics (the objective's: divergence, CE, teacher CE, agreement) and scored generation are SFT's
+(`PackedDataRecipe`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from posttrain.recipes.common import PackedDataRecipe
 from posttrain.train.distill import DistillationObjective
 from posttrain.train.frozen_pass import fingerprint_inputs, stream_configs
 from posttrain.train.objective import Objective
-from posttrain.train.roles import build_frozen, check_shared_tokenizer, load_tokenizer, resolve_model_dir
+from posttrain.train.remote_teacher import RemoteTeacher
+from posttrain.train.roles import FrozenModel, build_frozen, check_shared_tokenizer, load_tokenizer, resolve_model_dir
 from posttrain.train.teacher_cache import TopKPass, TopKTable
 from posttrain.train.trainer import TrainContext, TrainResult, train
 
@@ -40,9 +43,18 @@ class DistillRecipe(PackedDataRecipe):
         chunks = {"chunk_size": self.cfg.train.chunk_size, "vocab_chunk_size": self.cfg.train.vocab_chunk_size}
         if d.teacher_signal == "topk":
             return DistillationObjective(loss, table=self._topk_table(ctx), **chunks)
-        teacher = build_frozen(self.cfg.teacher, model_dir=resolve_model_dir(self.cfg.teacher.path),
-                               device=ctx.env.device, mesh=ctx.mesh, parallel_cfg=self.cfg.parallel)
-        return DistillationObjective(loss, teacher=teacher, **chunks)  # tokenizers compared in with_student
+        return DistillationObjective(loss, teacher=self._teacher(ctx), **chunks)  # tokenizers compared in with_student
+
+    def _teacher(self, ctx: TrainContext) -> FrozenModel | RemoteTeacher:
+        """The teacher in this rank's process, or with `placement: separate` in an actor of its own."""
+        cfg = self.cfg
+        teacher_dir = resolve_model_dir(cfg.teacher.path)
+        if cfg.teacher.placement == "separate":
+            from posttrain.recipes.teacher_actor import start_teacher  # imports Ray
+
+            return start_teacher(cfg.teacher, teacher_dir, device=ctx.env.device, precision=cfg.train.precision)
+        return build_frozen(cfg.teacher, model_dir=teacher_dir, device=ctx.env.device, mesh=ctx.mesh,
+                            parallel_cfg=cfg.parallel)
 
     def _topk_table(self, ctx: TrainContext) -> TopKTable:
         cfg, d = self.cfg, self.cfg.distill
@@ -57,10 +69,7 @@ class DistillRecipe(PackedDataRecipe):
                 logger.info("teacher top-%d: one pass over the data into %s", d.topk, cache.directory)
             score = cache.score_fn(k=d.topk, temperature=d.temperature, chunk_size=cfg.train.chunk_size,
                                    vocab_chunk_size=cfg.train.vocab_chunk_size)
-            cache.run(list(stream_configs(cfg.data, cfg.eval.sources)),
-                      lambda: build_frozen(cfg.teacher, model_dir=teacher_dir, device=ctx.env.device, mesh=ctx.mesh,
-                                           parallel_cfg=cfg.parallel),
-                      score, tokenizer=ctx.tokenizer, batch_size=cfg.train.micro_batch_size, dp_rank=ctx.dp.rank,
+            cache.run(list(stream_configs(cfg.data, cfg.eval.sources)), lambda: self._teacher(ctx), score, tokenizer=ctx.tokenizer, batch_size=cfg.train.micro_batch_size, dp_rank=ctx.dp.rank,
                       dp_size=ctx.dp.size, precision=cfg.train.precision)
         table = cache.table()
         if ctx.env.is_main:

@@ -36,6 +36,7 @@ from posttrain.config.data import DataConfig, SourceConfig
 from posttrain.config.loading import write_text_atomic
 from posttrain.data.batch import PackedBatch
 from posttrain.data.loader import build_loader
+from posttrain.train.remote_teacher import RemoteTeacher
 from posttrain.train.roles import FrozenModel
 from posttrain.train.signals import StopFlag, StopRequested
 from posttrain.train.step import autocast_context
@@ -107,8 +108,8 @@ class FrozenPass:
         """Every rank's stored parts, in stream, rank and part order."""
         return load_parts(self.directory)
 
-    def run(self, streams: list[DataConfig], frozen: Callable[[], FrozenModel], score: Score, *, tokenizer,
-            batch_size: int, dp_rank: int, dp_size: int, precision: str) -> None:
+    def run(self, streams: list[DataConfig], frozen: Callable[[], FrozenModel | RemoteTeacher], score: Score, *,
+            tokenizer, batch_size: int, dp_rank: int, dp_size: int, precision: str) -> None:
         """Run the pass over `streams` (each read once, in order) unless it is complete."""
         if self.rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -116,10 +117,13 @@ class FrozenPass:
         _barrier()
         role = frozen()
         records = 0
-        for s, data in enumerate(streams):
-            loader = build_loader(data, tokenizer, batch_size=batch_size, rank=dp_rank, world_size=dp_size)
-            with loader:
-                records += self._stream(s, loader, role, score, precision)
+        try:
+            for s, data in enumerate(streams):
+                loader = build_loader(data, tokenizer, batch_size=batch_size, rank=dp_rank, world_size=dp_size)
+                with loader:
+                    records += self._stream(s, loader, role, score, precision)
+        finally:
+            role.close()
         del role
         totals = torch.tensor([records], dtype=torch.long, device=self.device)
         if dist.is_available() and dist.is_initialized():

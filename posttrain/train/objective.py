@@ -73,6 +73,9 @@ class Objective:
     def compute(self, model: nn.Module, batch: Any, normaliser: int) -> ObjectiveOutput:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the objective holds outside this process (called once the run ends)."""
+
 
 def normaliser_count(normaliser: str, batch: Any) -> int:
     """This micro-batch's count of the units `normaliser` names."""

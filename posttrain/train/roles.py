@@ -130,6 +130,9 @@ class FrozenModel:
             if not self.is_policy_view:
                 reshard(self.model)
 
+    def close(self) -> None:
+        """Nothing outside this process to release (a `RemoteTeacher` has its process to end)."""
+
 
 def build_frozen(
     role: FrozenModelConfig,

@@ -199,6 +199,7 @@ def train(recipe: Recipe, env: DistEnv | None = None, attempt: int = 0) -> Train
             if run.result.status != "stopped":
                 _finish(run)
         finally:
+            run.objective.close()
             run.tracker.close()
             run.loader.close()
         return run.result

@@ -30,19 +30,19 @@ from tests.integration.sft_configs import merge_sections, recipe_config
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def distill_config(teacher: Path, task_dir: Path, run_root: Path, *, steps: int = 4, **sections) -> dict:
+def distill_config(teacher_path: Path, task_dir: Path, run_root: Path, *, steps: int = 4, **sections) -> dict:
     source = {"path": str(task_dir / "train.jsonl"), "fields": {"question": "user", "answer": "assistant"}}
     held_out = {"path": str(task_dir / "held_out.jsonl"), "fields": {"question": "user", "answer": "assistant"}}
-    cfg = recipe_config(teacher, run_root, data={"sources": [source]},
+    cfg = recipe_config(teacher_path, run_root, data={"sources": [source]},
                         train={"steps": steps, "warmup_steps": 1, "grad_accum": 2},
-                        model={"init_from": {"layers": [0, 2]}}, teacher={"path": str(teacher)},
+                        model={"init_from": {"layers": [0, 2]}}, teacher={"path": str(teacher_path)},
                         eval={"sources": [held_out], "every_steps": 2})
     del cfg["model"]["path"]
     return merge_sections(cfg, sections)
 
 
-def run(teacher, task_dir, run_root, **sections):
-    return run_distill(validate_config(distill_config(teacher, task_dir, run_root, **sections), DistillConfig))
+def run(teacher_path, task_dir, run_root, **sections):
+    return run_distill(validate_config(distill_config(teacher_path, task_dir, run_root, **sections), DistillConfig))
 
 
 def assert_steps_close(a: dict, b: dict, rtol: float) -> None:

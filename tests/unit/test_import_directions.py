@@ -17,7 +17,8 @@ ALLOWED: dict[str, set[str]] = {
     "parallel": {"config", "models"},
     "tracking": {"config"},
     "cluster": {"config"},  # launches functions; never model, data or recipe code
-    "train": {"config", "data", "models", "ops", "parallel", "tracking", "cluster.dist_env"},
+    "train": {"config", "data", "models", "ops", "parallel", "tracking", "cluster.dist_env",
+              "cluster.tensor_channel"},
     "rollout": {"models", "parallel", "config", "cluster.child_process"},
     "evaluation": {"config", "data", "models", "ops", "rollout", "rl", "train"},
     "rl": {"config", "data", "models", "ops", "parallel", "rollout", "train", "evaluation", "cluster"},

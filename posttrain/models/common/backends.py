@@ -91,13 +91,9 @@ def sdpa_per_document(q, k, v, runs: list[list[int]], scale: float) -> torch.Ten
     gqa = q.shape[1] != k.shape[1]
     rows = []
     for b, lengths in enumerate(runs):
-        if len(lengths) == 1:
-            parts = [F.scaled_dot_product_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], is_causal=True,
-                                                    scale=scale, enable_gqa=gqa)]
-        else:
-            qs, ks, vs = (x[b : b + 1].split(lengths, dim=2) for x in (q, k, v))
-            parts = [F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale, enable_gqa=gqa)
-                     for qd, kd, vd in zip(qs, ks, vs)]
+        qs, ks, vs = (x[b : b + 1].split(lengths, dim=2) for x in (q, k, v))
+        parts = [F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale, enable_gqa=gqa)
+                 for qd, kd, vd in zip(qs, ks, vs)]
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
 

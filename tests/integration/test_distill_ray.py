@@ -1,0 +1,112 @@
+"""`teacher.placement: separate`: the teacher in a Ray actor of its own, its hidden states sent back
+over a two-process gloo group. The actor's answers equal a local teacher's; a forward that fails
+there and an actor that is SIGKILLed are reported with their cause, naming its pid; a run with a
+separate teacher (live, and for the top-k pass) gives a colocated run's losses and metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from posttrain.cluster.launch import launch
+from posttrain.config.loading import ConfigError, validate_config
+from posttrain.config.distill import DistillConfig, TeacherConfig
+from posttrain.data.batch import Sample, collate
+from posttrain.models.hf import load_hf
+from posttrain.recipes.distill import run_distill
+from posttrain.recipes.teacher_actor import start_teacher
+from posttrain.train.objectives import forward_hidden
+from posttrain.train.remote_teacher import TeacherGone
+from tests.integration.dpo_configs import per_step
+from tests.integration.test_distill import assert_steps_close, distill_config, run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ON_RAY = {"backend": "ray", "num_workers": 1, "cpus_per_worker": 1}
+SEPARATE = {"placement": "separate", "cpus": 1}
+
+
+def packed(lengths: list[list[int]], length: int, vocab: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    rows = [[Sample(torch.randint(1, vocab, (n,), generator=generator).tolist(), [-100] * n) for n in row]
+            for row in lengths]
+    return collate(rows, length, pad_id=0)
+
+
+def _wait_gone(pid: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+
+
+def test_a_separate_teacher_needs_the_ray_backend(teacher_dir, task_dir, tmp_path):
+    cfg = distill_config(teacher_dir, task_dir, tmp_path, teacher=SEPARATE)
+    with pytest.raises(ConfigError, match="teacher.placement: separate .*set launcher.backend: ray"):
+        validate_config(cfg, DistillConfig)
+
+
+def test_the_teacher_actor_answers_like_a_local_teacher_and_reports_failures(ray_instance, teacher_dir):
+    local = load_hf(teacher_dir).eval()
+    role = TeacherConfig(path=str(teacher_dir), **SEPARATE)
+    remote = start_teacher(role, teacher_dir, device=torch.device("cpu"), precision="fp32")
+    try:
+        with remote.active() as model:
+            assert torch.equal(model.head_weight, local.head_weight) and model.vocab_size == local.vocab_size
+            for seed, lengths in enumerate([[[5, 9], [14]], [[3, 3, 3, 7]]]):
+                batch = packed(lengths, 16, local.vocab_size, seed)
+                with torch.no_grad():
+                    expected = forward_hidden(local, batch)
+                got = forward_hidden(model, batch)  # through the model's forward
+                model.submit(batch)  # and as the objective uses it
+                again = model.collect()
+                scale = expected.abs().max().item()
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6 * scale)
+                assert torch.equal(again, got)
+            bad = packed([[4, 4]], 8, local.vocab_size)
+            bad.input_ids[0, 1] = 10**7  # the teacher's embedding lookup fails
+            with pytest.raises(TeacherGone, match=rf"pid {remote.handle.pid}\b.*IndexError"):
+                model(bad.input_ids, bad.position_ids, _attn(bad))
+    finally:
+        remote.close()
+    _wait_gone(remote.handle.pid)
+
+    remote = start_teacher(role, teacher_dir, device=torch.device("cpu"), precision="fp32")
+    try:
+        os.kill(remote.handle.pid, signal.SIGKILL)
+        _wait_gone(remote.handle.pid)
+        started = time.monotonic()
+        with pytest.raises(TeacherGone, match=rf"pid {remote.handle.pid}\b.*actor died"):
+            with remote.active() as model:
+                forward_hidden(model, packed([[6]], 8, local.vocab_size))
+        assert time.monotonic() - started < 15
+    finally:
+        remote.close()
+
+
+def _attn(batch):
+    from posttrain.models.common.attention import packed_attention
+
+    rows, length = batch.input_ids.shape
+    return packed_attention(batch.cu_seqlens, batch.max_seqlen, rows, length)
+
+
+@pytest.mark.parametrize("signal_kind", ["live", "topk"])
+def test_a_separate_teacher_distils_like_a_colocated_one(ray_instance, teacher_dir, task_dir, tmp_path, signal_kind):
+    distill = {"loss": "jsd", "temperature": 1.5, "kd_weight": 0.8, "teacher_signal": signal_kind, "topk": 16}
+    here = run(teacher_dir, task_dir, tmp_path / "here", steps=3, distill=distill)
+    cfg = validate_config(distill_config(teacher_dir, task_dir, tmp_path / "apart", steps=3, distill=distill,
+                                         teacher=SEPARATE, launcher=ON_RAY), DistillConfig)
+    apart = launch(run_distill, cfg, cfg.launcher).main
+    assert here.status == apart.status == "finished"
+    near, far = per_step(here.run_dir), per_step(apart.run_dir)
+    assert_steps_close(near, far, rtol=1e-5)
+    waits = [row.get("distill/teacher_wait_s") for row in far.values()]  # the actor was used
+    assert all(w is not None and w >= 0 for w in waits) if signal_kind == "live" else not any(waits)
+    assert not any("distill/teacher_wait_s" in row for row in near.values())
