@@ -7,7 +7,7 @@ never pickled objects.
     server -> client   [vocab_size, rows, width, dtype]  then the head weight [rows, width], once
     client -> server   [FORWARD, B, L, documents + 1, max_seqlen]  then ids and positions [2, B, L]
                        (int64) and cu_seqlens (int32)
-    server -> client   [OK, B, L, width]  then the final hidden states [B, L, width] (teacher dtype)
+    server -> client   [OK, B, L, width, dtype]  then the final hidden states [B, L, width]
                        or [FAILED]: the server raised, and the client asks its handle why
     client -> server   [STOP]  at the end
 
@@ -62,7 +62,7 @@ def serve_teacher(frozen: FrozenModel, channel: TensorChannel, precision: str) -
             except BaseException:
                 channel.send_ints([FAILED])
                 raise
-            channel.send_ints([OK, *hidden.shape])
+            channel.send_ints([OK, *hidden.shape, WIRE_DTYPES.index(hidden.dtype)])
             channel.send(hidden)
             served += 1
 
@@ -119,10 +119,10 @@ class RemoteTeacherModel(nn.Module):
             raise RuntimeError("collect() without a request: submit() a batch first")
         self.pending = False
         try:
-            status, *shape = self.channel.recv_ints()[:4]
+            status, rows, length, width, dtype = self.channel.recv_ints()[:5]
             if status == FAILED:
                 raise self._gone(None)
-            hidden = self.channel.recv(shape, self._head.dtype)
+            hidden = self.channel.recv((rows, length, width), WIRE_DTYPES[dtype])
         except TeacherGone:
             raise
         except RuntimeError as err:

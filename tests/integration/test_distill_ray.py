@@ -1,13 +1,16 @@
 """`teacher.placement: separate`: the teacher in a Ray actor of its own, its hidden states sent back
-over a two-process gloo group. The actor's answers equal a local teacher's; a forward that fails
-there and an actor that is SIGKILLed are reported with their cause, naming its pid; a run with a
-separate teacher (live, and for the top-k pass) gives a colocated run's losses and metrics."""
+over a two-process gloo group. The actor's answers equal a local teacher's (fp32 and bf16); a
+forward that fails there and an actor that is SIGKILLed are reported with their cause, naming its
+pid; a run with a separate teacher (live, top-k pass, two ranks) gives a colocated run's losses
+and metrics, and one whose actor is SIGKILLed mid-run resumes with a new actor and still does."""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,8 +80,15 @@ def test_the_teacher_actor_answers_like_a_local_teacher_and_reports_failures(ray
         remote.close()
     _wait_gone(remote.handle.pid)
 
-    remote = start_teacher(role, teacher_dir, device=torch.device("cpu"), precision="fp32")
+    half = role.model_copy(update={"dtype": "bfloat16"})  # bf16 on the wire: the head and hidden states
+    remote = start_teacher(half, teacher_dir, device=torch.device("cpu"), precision="fp32")
     try:
+        batch = packed([[7, 9]], 16, local.vocab_size)
+        with remote.active() as model, torch.no_grad():
+            local = load_hf(teacher_dir, dtype=torch.bfloat16).eval()
+            got, expected = forward_hidden(model, batch), forward_hidden(local, batch)
+            assert got.dtype == model.head_weight.dtype == torch.bfloat16
+            assert torch.equal(model.head_weight, local.head_weight) and torch.equal(got, expected)
         os.kill(remote.handle.pid, signal.SIGKILL)
         _wait_gone(remote.handle.pid)
         started = time.monotonic()
@@ -97,12 +107,19 @@ def _attn(batch):
     return packed_attention(batch.cu_seqlens, batch.max_seqlen, rows, length)
 
 
-@pytest.mark.parametrize("signal_kind", ["live", "topk"])
-def test_a_separate_teacher_distils_like_a_colocated_one(ray_instance, teacher_dir, task_dir, tmp_path, signal_kind):
+@pytest.mark.parametrize("signal_kind, ranks", [("live", 1), ("topk", 1), ("live", 2)],
+                         ids=["live", "topk", "live-two-ranks"])
+def test_a_separate_teacher_distils_like_a_colocated_one(ray_instance, teacher_dir, task_dir, tmp_path,
+                                                         signal_kind, ranks):
+    """Two ranks (FSDP2 over the student, half the micro-batch each) have an actor each."""
     distill = {"loss": "jsd", "temperature": 1.5, "kd_weight": 0.8, "teacher_signal": signal_kind, "topk": 16}
     here = run(teacher_dir, task_dir, tmp_path / "here", steps=3, distill=distill)
-    cfg = validate_config(distill_config(teacher_dir, task_dir, tmp_path / "apart", steps=3, distill=distill,
-                                         teacher=SEPARATE, launcher=ON_RAY), DistillConfig)
+    cpus = 1 / ranks  # the module's Ray instance has 2 CPUs: a rank and its actor share one
+    cfg = distill_config(teacher_dir, task_dir, tmp_path / "apart", steps=3, distill=distill,
+                         teacher={**SEPARATE, "cpus": cpus},
+                         launcher={**ON_RAY, "num_workers": ranks, "cpus_per_worker": cpus})
+    cfg["train"]["micro_batch_size"] //= ranks
+    cfg = validate_config(cfg, DistillConfig)
     apart = launch(run_distill, cfg, cfg.launcher).main
     assert here.status == apart.status == "finished"
     near, far = per_step(here.run_dir), per_step(apart.run_dir)
@@ -110,3 +127,49 @@ def test_a_separate_teacher_distils_like_a_colocated_one(ray_instance, teacher_d
     waits = [row.get("distill/teacher_wait_s") for row in far.values()]  # the actor was used
     assert all(w is not None and w >= 0 for w in waits) if signal_kind == "live" else not any(waits)
     assert not any("distill/teacher_wait_s" in row for row in near.values())
+
+
+def _teacher_pids() -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"TeacherActor" in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue  # the process ended while we looked
+    return pids
+
+
+def _kill_teacher_after(marker: Path, killed: list[int], stop: threading.Event) -> None:
+    while not stop.is_set():
+        pids = _teacher_pids()
+        if marker.exists() and pids:
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            killed.extend(pids)
+            return
+        time.sleep(0.01)
+
+
+def test_a_run_whose_teacher_actor_is_killed_resumes_with_a_new_one(ray_instance, teacher_dir, task_dir, tmp_path):
+    """The rank fails with TeacherGone, the launcher restarts it from the newest checkpoint with a
+    fresh actor, and every step's loss is a straight colocated run's."""
+    sections = {"steps": 4, "checkpoint": {"every_steps": 1, "resume": "auto", "keep_last": 4}}
+    here = run(teacher_dir, task_dir, tmp_path / "here", **sections)
+    cfg = validate_config(distill_config(teacher_dir, task_dir, tmp_path / "apart", teacher=SEPARATE,
+                                         launcher={**ON_RAY, "max_restarts": 1}, **sections), DistillConfig)
+    killed: list[int] = []
+    stop = threading.Event()
+    marker = Path(cfg.run_dir) / "checkpoints" / "step_2" / "meta.json"
+    killer = threading.Thread(target=_kill_teacher_after, args=(marker, killed, stop), daemon=True)
+    killer.start()
+    try:
+        result = launch(run_distill, cfg, cfg.launcher)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "the run ended before its teacher actor could be killed"
+    assert result.restarts == 1 and result.main.status == "finished" and result.main.steps == 4
+    near, far = per_step(here.run_dir), per_step(result.main.run_dir)
+    assert_steps_close(near, far, rtol=1e-5)
+    assert far[4]["restarts"] == 1 and far[2]["restarts"] == 0
