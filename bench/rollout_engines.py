@@ -39,6 +39,27 @@ def gsm8k_prompts(tokenizer, count: int) -> list[list[int]]:
             for r in rows]
 
 
+def tree_rss_gib(pid: int) -> float:
+    """Resident memory of process `pid` and all its descendants (an engine server and its workers)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        todo.extend(children.get(current, []))
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+        except OSError:
+            continue
+        total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS")) * 1024
+    return total / 2**30
+
+
 def time_engine(name: str, make, prompts, sampling, n: int, reps: int) -> dict:
     started = time.perf_counter()
     engine = make()
@@ -52,14 +73,17 @@ def time_engine(name: str, make, prompts, sampling, n: int, reps: int) -> dict:
             elapsed = time.perf_counter() - t0
             rates.append(batch.lengths.sum().item() / elapsed)
             lengths.append(batch.lengths.float().mean().item())
+        pid = getattr(engine, "pid", None)  # a server process: what it keeps while the trainer runs
+        rss = tree_rss_gib(pid) if pid is not None else None
     finally:
         close = getattr(engine, "close", None)
         if close is not None:
             close()
     row = {"engine": name, "startup_s": startup, "tokens_per_s": statistics.median(rates),
-           "mean_length": statistics.mean(lengths)}
+           "mean_length": statistics.mean(lengths), "server_rss_gib": rss}
     print(f"{name:>14}: start {startup:6.1f} s, {row['tokens_per_s']:7.1f} generated tokens/s "
-          f"(reps {', '.join(f'{r:.1f}' for r in rates)}), mean length {row['mean_length']:.1f}", flush=True)
+          f"(reps {', '.join(f'{r:.1f}' for r in rates)}), mean length {row['mean_length']:.1f}"
+          + (f", server process tree RSS {rss:.2f} GiB" if rss is not None else ""), flush=True)
     return row
 
 
