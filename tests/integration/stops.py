@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 
 import posttrain.train.trainer as trainer
 
@@ -18,3 +20,14 @@ def sigterm_after_checkpoint(monkeypatch, at_step: int) -> None:
             signal.raise_signal(signal.SIGTERM)
 
     monkeypatch.setattr(trainer, "_checkpoint", checkpoint_then_sigterm)
+
+
+def wait_gone(pid: int, timeout_s: float = 30.0) -> None:
+    """Return once process `pid` has ended (or after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)

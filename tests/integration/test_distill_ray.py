@@ -25,6 +25,7 @@ from posttrain.recipes.teacher_actor import start_teacher
 from posttrain.train.objectives import forward_hidden
 from posttrain.train.remote_teacher import TeacherGone
 from tests.integration.dpo_configs import per_step
+from tests.integration.stops import wait_gone
 from tests.integration.test_distill import assert_steps_close, distill_config, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,16 +38,6 @@ def packed(lengths: list[list[int]], length: int, vocab: int, seed: int = 0):
     rows = [[Sample(torch.randint(1, vocab, (n,), generator=generator).tolist(), [-100] * n) for n in row]
             for row in lengths]
     return collate(rows, length, pad_id=0)
-
-
-def _wait_gone(pid: int) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
 
 
 def test_a_separate_teacher_needs_the_ray_backend(teacher_dir, task_dir, tmp_path):
@@ -78,7 +69,7 @@ def test_the_teacher_actor_answers_like_a_local_teacher_and_reports_failures(ray
                 model(bad.input_ids, bad.position_ids, _attn(bad))
     finally:
         remote.close()
-    _wait_gone(remote.handle.pid)
+    wait_gone(remote.handle.pid)
 
     half = role.model_copy(update={"dtype": "bfloat16"})  # bf16 on the wire: the head and hidden states
     remote = start_teacher(half, teacher_dir, device=torch.device("cpu"), precision="fp32")
@@ -90,7 +81,7 @@ def test_the_teacher_actor_answers_like_a_local_teacher_and_reports_failures(ray
             assert got.dtype == model.head_weight.dtype == torch.bfloat16
             assert torch.equal(model.head_weight, local.head_weight) and torch.equal(got, expected)
         os.kill(remote.handle.pid, signal.SIGKILL)
-        _wait_gone(remote.handle.pid)
+        wait_gone(remote.handle.pid)
         started = time.monotonic()
         with pytest.raises(TeacherGone, match=rf"pid {remote.handle.pid}\b.*actor died"):
             with remote.active() as model:

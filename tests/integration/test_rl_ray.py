@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -23,22 +22,13 @@ from posttrain.rollout import NativeEngine, SamplingParams
 from posttrain.rollout.process_engine import EngineDied
 from posttrain.rollout.ray_engine import RayEngine
 from tests.integration.grpo_configs import grpo_config, load
+from tests.integration.stops import wait_gone
 from tests.unit.rl.test_reward_workers import FIXTURES, batch
 from tests.unit.rollout.test_native_engine import PROMPTS, _perturbed, _snapshot
 from tests.unit.rollout.test_process_engine import same
 
 SAMPLED = SamplingParams(temperature=0.9, max_new_tokens=6)
 ON_RAY = {"backend": "ray", "num_workers": 1, "cpus_per_worker": 1}
-
-
-def _wait_gone(pid: int) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
 
 
 def test_engine_actor_samples_updates_and_death(ray_instance, tiny_checkpoints):
@@ -60,7 +50,7 @@ def test_engine_actor_samples_updates_and_death(ray_instance, tiny_checkpoints):
         remote.update_weights(original, version=6)
         assert same(remote.generate(PROMPTS, SAMPLED, n=2, seed=1), before)
         os.kill(remote.pid, signal.SIGKILL)
-        _wait_gone(remote.pid)
+        wait_gone(remote.pid)
         with pytest.raises(EngineDied):
             remote.generate(PROMPTS, SAMPLED, seed=1)
         remote.restart()
@@ -80,7 +70,7 @@ def test_reward_actors_time_out_and_are_replaced(ray_instance):
         assert pids
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
-            _wait_gone(pid)
+            wait_gone(pid)
         again = workers.score(batch(["1", "22"]))  # dead actors are replaced, nothing is lost
         assert again.total.tolist() == [1.0, 1.0] and again.errors == 0
     finally:
