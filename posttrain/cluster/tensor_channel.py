@@ -9,7 +9,9 @@ The group is a standalone `ProcessGroupGloo` on its own `TCPStore`, not a member
 process group, so it lives beside a training world of any size. Tensors go as raw bytes over TCP
 (CPU tensors; bfloat16 included), never pickled; the receiver allocates what the sender's ints
 said. A peer that dies makes the waiting side's call raise within milliseconds (the socket
-closes); a peer that hangs makes it raise after `timeout_s`.
+closes); a peer that hangs makes it raise after `timeout_s` (or the call's own `timeout_s`). A
+`send` returns once the peer has posted the matching `recv` (gloo's pairs rendezvous), so two
+sides that both send at once wait for each other until the timeout.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ GROUP_PREFIX = "posttrain-channel"
 
 
 class TensorChannel:
+    """One side of a two-process channel; make it with `listen` (side 0) or `connect` (side 1)."""
+
     def __init__(self, store: dist.Store, side: int, timeout_s: float):
         self.store, self.side, self.timeout = store, side, timedelta(seconds=timeout_s)
         self.group: dist.ProcessGroup | None = None
@@ -61,9 +65,13 @@ class TensorChannel:
     def send(self, tensor: torch.Tensor) -> None:
         self._ready().send([tensor.detach().cpu().contiguous()], self.peer, 0).wait()
 
-    def recv(self, shape: tuple[int, ...] | list[int], dtype: torch.dtype) -> torch.Tensor:
+    def recv(self, shape: tuple[int, ...] | list[int], dtype: torch.dtype,
+             timeout_s: float | None = None) -> torch.Tensor:
+        """A tensor of `shape` and `dtype` from the peer, waiting up to `timeout_s` (default: the
+        channel's)."""
         tensor = torch.empty(tuple(shape), dtype=dtype)
-        self._ready().recv([tensor], self.peer, 0).wait()
+        work = self._ready().recv([tensor], self.peer, 0)
+        work.wait() if timeout_s is None else work.wait(timedelta(seconds=timeout_s))
         return tensor
 
     def send_ints(self, values: list[int]) -> None:
@@ -74,8 +82,8 @@ class TensorChannel:
         header[: len(values)] = torch.tensor(values, dtype=torch.long)
         self.send(header)
 
-    def recv_ints(self) -> list[int]:
-        return self.recv((HEADER_INTS,), torch.long).tolist()
+    def recv_ints(self, timeout_s: float | None = None) -> list[int]:
+        return self.recv((HEADER_INTS,), torch.long, timeout_s).tolist()
 
     def close(self) -> None:
         """Drop the group and the store (the sockets close; a peer waiting on them raises)."""

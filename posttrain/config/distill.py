@@ -59,10 +59,12 @@ class TeacherConfig(FrozenModelConfig):
     hidden states come back as tensors over a two-process gloo group; its head is sent once."""
 
     cpus: float = Field(1.0, gt=0)
-    """CPUs reserved for each teacher actor of `placement: separate` (its torch threads)."""
+    """`placement: separate` only: CPUs Ray reserves for each teacher actor; its torch threads are
+    the whole part of it, at least 1."""
 
     timeout_s: float = Field(600.0, gt=0)
-    """`placement: separate`: how long a rank waits for its teacher's answer before giving up."""
+    """`placement: separate` only: how long a rank waits for the actor to connect and for each
+    answer (the actor itself waits for its next request without a limit)."""
 
 
 class DistillSection(Section):
@@ -92,7 +94,9 @@ class DistillSection(Section):
 class DistillConfig(RecipeConfig):
     """Knowledge distillation from a frozen teacher into a student that shares its tokenizer."""
 
-    RESUME_MUTABLE: ClassVar[tuple[str, ...]] = RecipeConfig.RESUME_MUTABLE
+    # Where the teacher runs changes no result: a colocated run short of memory resumes as separate.
+    RESUME_MUTABLE: ClassVar[tuple[str, ...]] = RecipeConfig.RESUME_MUTABLE + (
+        "teacher.placement", "teacher.cpus", "teacher.timeout_s")
 
     model: StudentModelConfig  # type: ignore[assignment]
     teacher: TeacherConfig

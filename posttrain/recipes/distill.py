@@ -69,7 +69,8 @@ class DistillRecipe(PackedDataRecipe):
                 logger.info("teacher top-%d: one pass over the data into %s", d.topk, cache.directory)
             score = cache.score_fn(k=d.topk, temperature=d.temperature, chunk_size=cfg.train.chunk_size,
                                    vocab_chunk_size=cfg.train.vocab_chunk_size)
-            cache.run(list(stream_configs(cfg.data, cfg.eval.sources)), lambda: self._teacher(ctx), score, tokenizer=ctx.tokenizer, batch_size=cfg.train.micro_batch_size, dp_rank=ctx.dp.rank,
+            cache.run(list(stream_configs(cfg.data, cfg.eval.sources)), lambda: self._teacher(ctx), score,
+                      tokenizer=ctx.tokenizer, batch_size=cfg.train.micro_batch_size, dp_rank=ctx.dp.rank,
                       dp_size=ctx.dp.size, precision=cfg.train.precision)
         table = cache.table()
         if ctx.env.is_main:

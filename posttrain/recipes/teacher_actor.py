@@ -33,18 +33,22 @@ STOP_TIMEOUT_S = 10.0
 
 
 class TeacherActor:
+    """Runs in the actor's process: the frozen teacher, loaded once, then served."""
+
     def __init__(self, role: dict[str, Any], model_dir: str, threads: int):
         torch.set_num_threads(threads)
         self.frozen = build_frozen(TeacherConfig.model_validate(role), model_dir=Path(model_dir),
                                    device=torch.device("cpu"))
 
     def pid(self) -> int:
+        """The actor's process id (answered once the teacher has loaded)."""
         return os.getpid()
 
-    def serve(self, address: str, precision: str, timeout_s: float) -> int:
+    def serve(self, address: str, precision: str, timeout_s: float) -> None:
+        """Join the rank's channel at `address` and answer its requests until it says stop."""
         channel = TensorChannel.connect(address, timeout_s)
         try:
-            return serve_teacher(self.frozen, channel, precision)
+            serve_teacher(self.frozen, channel, precision)
         finally:
             channel.close()
 
@@ -71,28 +75,39 @@ class ActorHandle:
             return f"{err.cause.__class__.__name__}: {err.cause}"
         return "it stopped serving"
 
-    def close(self) -> None:
-        if self.serving is not None:
+    def close(self, wait: bool = False) -> None:
+        """Kill the actor; with `wait`, once `serve` has returned (at most `STOP_TIMEOUT_S`)."""
+        if wait and self.serving is not None:
             ray.wait([self.serving], timeout=STOP_TIMEOUT_S)
         ray.kill(self.actor, no_restart=True)
 
 
 def start_teacher(role: TeacherConfig, teacher_dir: Path, *, device: torch.device, precision: str) -> RemoteTeacher:
-    """Start the actor, wait for its teacher to load, connect the channel; raises `TeacherGone`
-    when the actor fails to start (its error named) or `RuntimeError` after `START_TIMEOUT_S`."""
+    """Start the actor, wait for its teacher to load, connect the channel. Raises `TeacherGone`
+    when the actor fails to start or to connect (its error named), `RuntimeError` when it has not
+    loaded within `START_TIMEOUT_S`; the actor is killed on every failure (a stop signal too)."""
     options = {"name": NAME_PREFIX + uuid.uuid4().hex[:12], "num_cpus": role.cpus, "max_restarts": 0,
-               "max_task_retries": 0}
+               "max_task_retries": 0, "scheduling_strategy": "DEFAULT"}  # not in the rank's placement group
     actor = ray.remote(TeacherActor).options(**options).remote(role.model_dump(mode="json"), str(teacher_dir),
                                                              max(1, int(role.cpus)))
+    handle = ActorHandle(actor, pid=-1)
     try:
-        handle = ActorHandle(actor, ray.get(actor.pid.remote(), timeout=START_TIMEOUT_S))
+        handle.pid = ray.get(actor.pid.remote(), timeout=START_TIMEOUT_S)
+        channel, address = TensorChannel.listen(ray.util.get_node_ip_address(), role.timeout_s)
+        handle.serving = actor.serve.remote(address, precision, role.timeout_s)
+        try:
+            channel.join()
+        except RuntimeError as err:
+            raise TeacherGone(f"the teacher actor (pid {handle.pid}) did not connect: "
+                              f"{handle.failure() or str(err).splitlines()[0]}") from None
+        return RemoteTeacher(channel, handle, device)
     except ray.exceptions.GetTimeoutError:
-        ray.kill(actor, no_restart=True)
-        raise RuntimeError(f"the teacher actor did not start within {START_TIMEOUT_S:.0f} s (teacher.cpus "
-                           f"{role.cpus}: does the cluster have them free?)") from None
+        handle.close()
+        raise RuntimeError(f"the teacher actor did not load its teacher within {START_TIMEOUT_S:.0f} s "
+                           f"(teacher.cpus {role.cpus}: does the cluster have them free?)") from None
     except ray.exceptions.RayActorError as err:
+        handle.close()
         raise TeacherGone(f"the teacher actor failed to start: {err}") from None
-    channel, address = TensorChannel.listen(ray.util.get_node_ip_address(), role.timeout_s)
-    handle.serving = actor.serve.remote(address, precision, role.timeout_s)
-    channel.join()
-    return RemoteTeacher(channel, handle, device)
+    except BaseException:
+        handle.close()
+        raise

@@ -44,22 +44,22 @@ class DistillationObjective(Objective):
             raise ValueError("a distillation objective takes a live teacher or a top-k table, one of them")
         self.loss, self.teacher, self.table = loss, teacher, table
         self.chunk_size, self.vocab_chunk_size = chunk_size, vocab_chunk_size
-        self.remote = isinstance(teacher, RemoteTeacher)
+        self.remote: RemoteTeacher | None = teacher if isinstance(teacher, RemoteTeacher) else None
         # A local teacher's forward counts in MFU; a remote one computes on CPUs of its own.
-        self.frozen_models = [teacher.model] if teacher is not None and not self.remote else []
+        self.frozen_models = [teacher.model] if isinstance(teacher, FrozenModel) else []
 
     def compute(self, model: nn.Module, batch: PackedBatch, normaliser: int) -> ObjectiveOutput:
-        if self.remote:
-            self.teacher.model.submit(batch)  # it computes while the student's forward runs
+        if self.remote is not None:
+            self.remote.model.submit(batch)  # it computes while the student's forward runs
         hidden = forward_hidden(model, batch)
         common = dict(loss=self.loss, chunk_size=self.chunk_size, vocab_chunk_size=self.vocab_chunk_size,
                       num_valid=normaliser, vocab_size=model.vocab_size)
         metrics: dict[str, MetricValue] = {}
         if self.teacher is not None:
             with self.teacher.active() as teacher:  # no grad, its head gathered until the end
-                if self.remote:
+                if self.remote is not None:
                     waited = time.perf_counter()
-                    teacher_hidden = teacher.collect()
+                    teacher_hidden = self.remote.model.collect()
                     metrics["distill/teacher_wait_s"] = (time.perf_counter() - waited, 1)
                 else:
                     teacher_hidden = forward_hidden(teacher, batch)
@@ -82,5 +82,5 @@ class DistillationObjective(Objective):
 
     def close(self) -> None:
         """End a remote teacher's process."""
-        if self.remote:
-            self.teacher.close()
+        if self.remote is not None:
+            self.remote.close()

@@ -36,24 +36,26 @@ from posttrain.train.step import autocast_context
 FORWARD, STOP = 1, 2
 OK, FAILED = 0, 1
 WIRE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+IDLE_TIMEOUT_S = 365 * 24 * 3600.0  # the server waits for its next request as long as the rank lives
 
 
 class TeacherGone(RuntimeError):
     """The teacher's process died or failed; the run cannot go on without it."""
 
 
-def serve_teacher(frozen: FrozenModel, channel: TensorChannel, precision: str) -> int:
-    """Answer forward requests with the teacher's hidden states until told to stop; returns the
-    number of forwards. An exception in a forward is signalled to the client, then raised."""
-    served = 0
+def serve_teacher(frozen: FrozenModel, channel: TensorChannel, precision: str) -> None:
+    """Answer forward requests with the teacher's hidden states until told to stop. Between
+    requests it waits without a limit (evaluation or a checkpoint save may take long; a rank that
+    dies closes the socket, which ends the wait). An exception in a forward is signalled to the
+    client, then raised."""
     with frozen.active() as model:
         weight = model.head_weight.detach()
         channel.send_ints([model.vocab_size, *weight.shape, WIRE_DTYPES.index(weight.dtype)])
         channel.send(weight)
         while True:
-            kind, rows, length, bounds, max_seqlen = channel.recv_ints()[:5]
+            kind, rows, length, bounds, max_seqlen = channel.recv_ints(IDLE_TIMEOUT_S)[:5]
             if kind == STOP:
-                return served
+                return
             tokens = channel.recv((2, rows, length), torch.long)
             cu_seqlens = channel.recv((bounds,), torch.int32)
             try:
@@ -64,16 +66,16 @@ def serve_teacher(frozen: FrozenModel, channel: TensorChannel, precision: str) -
                 raise
             channel.send_ints([OK, *hidden.shape, WIRE_DTYPES.index(hidden.dtype)])
             channel.send(hidden)
-            served += 1
 
 
 class TeacherHandle(Protocol):
-    """What runs the server: it says why the server failed, and ends it."""
+    """What runs the server: it says why the server failed, and ends it (after letting it finish
+    with `wait`)."""
 
     pid: int
 
     def failure(self) -> str: ...
-    def close(self) -> None: ...
+    def close(self, wait: bool) -> None: ...
 
 
 class RemoteTeacherModel(nn.Module):
@@ -83,11 +85,13 @@ class RemoteTeacherModel(nn.Module):
                  device: torch.device, gone: Callable[[BaseException | None], TeacherGone]):
         super().__init__()
         self.channel, self.device, self.vocab_size, self._gone = channel, device, vocab_size, gone
-        self.pending = False
+        self.pending = False  # a request was sent and its answer not read yet
+        self.broken = False  # an exchange failed midway: the two sides are out of step
         self.register_buffer("_head", head_weight.to(device), persistent=False)
 
     @property
     def head_weight(self) -> torch.Tensor:
+        """The teacher's LM head, received once when the channel opened."""
         return self._head
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn: AttentionMeta) -> torch.Tensor:
@@ -105,28 +109,30 @@ class RemoteTeacherModel(nn.Module):
         if self.pending:
             raise RuntimeError("a remote teacher answers one request at a time: collect() the last one first")
         rows, length = input_ids.shape
+        self.pending = True
         try:
             self.channel.send_ints([FORWARD, rows, length, cu_seqlens.numel(), int(max_seqlen)])
             self.channel.send(torch.stack([input_ids, position_ids]).long())
             self.channel.send(cu_seqlens.int())
         except RuntimeError as err:
+            self.broken = True
             raise self._gone(err) from None
-        self.pending = True
 
     def collect(self) -> torch.Tensor:
         """The hidden states `[B, L, width]` of the last request, on the student's device."""
         if not self.pending:
             raise RuntimeError("collect() without a request: submit() a batch first")
-        self.pending = False
         try:
             status, rows, length, width, dtype = self.channel.recv_ints()[:5]
             if status == FAILED:
                 raise self._gone(None)
             hidden = self.channel.recv((rows, length, width), WIRE_DTYPES[dtype])
-        except TeacherGone:
+        except BaseException as err:
+            self.broken = True
+            if isinstance(err, RuntimeError) and not isinstance(err, TeacherGone):
+                raise self._gone(err) from None
             raise
-        except RuntimeError as err:
-            raise self._gone(err) from None
+        self.pending = False
         return hidden.to(self.device)
 
 
@@ -153,13 +159,16 @@ class RemoteTeacher:
             yield self.model
 
     def close(self) -> None:
-        """Tell the server to stop (when it still listens) and end its process."""
+        """End the server's process: told to stop when it waits for a request, killed at once when
+        a request is unanswered or an exchange broke off (telling it would wait on its answer)."""
         if self.closed:
             return
         self.closed = True
-        try:
-            self.channel.send_ints([STOP])
-        except RuntimeError:
-            pass  # already gone
-        self.handle.close()
+        in_step = not (self.model.pending or self.model.broken)
+        if in_step:
+            try:
+                self.channel.send_ints([STOP])
+            except RuntimeError:
+                in_step = False  # already gone
+        self.handle.close(wait=in_step)
         self.channel.close()

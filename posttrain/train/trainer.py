@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -194,14 +195,13 @@ def train(recipe: Recipe, env: DistEnv | None = None, attempt: int = 0) -> Train
                 run = _build(recipe, env, attempt, stop)
         except StopRequested:
             return TrainResult(run_dir=str(recipe.cfg.run_dir), steps=0, status="stopped")
-        try:
+        with ExitStack() as stack:  # each is closed, in reverse order, even when another's close raises
+            stack.callback(run.loader.close)
+            stack.callback(run.tracker.close)
+            stack.callback(run.objective.close)
             _loop(run)
             if run.result.status != "stopped":
                 _finish(run)
-        finally:
-            run.objective.close()
-            run.tracker.close()
-            run.loader.close()
         return run.result
     finally:
         stop.restore()
@@ -258,14 +258,18 @@ def _build(recipe: Recipe, env: DistEnv, attempt: int, stop: StopFlag) -> _Run:
         _announce_resume(point, counters, total_steps, env)
     start_step = int(counters["step"])
     objective = recipe.objective(ctx)
-    meter = StepMeter(model, lora=cfg.lora.enabled, precision=cfg.train.precision, device=env.device,
-                      tp=cfg.parallel.tp, frozen_forwards=getattr(objective, "frozen_forwards", 0),
-                      frozen_models=getattr(objective, "frozen_models", ()),
-                      unit=objective.normaliser)
-    evaluators = recipe.evaluators(ctx, objective)
-    hparams = {"config_hash": config_hash(cfg), "total_steps": total_steps}
-    tracker = Tracker(cfg.run_dir, cfg.tracking, total_steps=total_steps, start_step=start_step,
-                      run_name=cfg.name, hparams=hparams, rank=env.rank)
+    try:
+        meter = StepMeter(model, lora=cfg.lora.enabled, precision=cfg.train.precision, device=env.device,
+                          tp=cfg.parallel.tp, frozen_forwards=getattr(objective, "frozen_forwards", 0),
+                          frozen_models=getattr(objective, "frozen_models", ()),
+                          unit=objective.normaliser)
+        evaluators = recipe.evaluators(ctx, objective)
+        hparams = {"config_hash": config_hash(cfg), "total_steps": total_steps}
+        tracker = Tracker(cfg.run_dir, cfg.tracking, total_steps=total_steps, start_step=start_step,
+                          run_name=cfg.name, hparams=hparams, rank=env.rank)
+    except BaseException:
+        objective.close()  # a remote teacher's process
+        raise
     result = TrainResult(run_dir=str(cfg.run_dir), steps=start_step, status="finished")
     return _Run(recipe, ctx, model, optimizer, scheduler, loader, app_state, counters, total_steps, per_step,
                 start_step, objective, meter, evaluators, stop, tracker, result, last_saved=start_step)

@@ -19,6 +19,7 @@ from posttrain.cluster.launch import launch
 from posttrain.config.loading import ConfigError, validate_config
 from posttrain.config.distill import DistillConfig, TeacherConfig
 from posttrain.data.batch import Sample, collate
+from posttrain.models.common.attention import packed_attention
 from posttrain.models.hf import load_hf
 from posttrain.recipes.distill import run_distill
 from posttrain.recipes.teacher_actor import start_teacher
@@ -46,9 +47,16 @@ def test_a_separate_teacher_needs_the_ray_backend(teacher_dir, task_dir, tmp_pat
         validate_config(cfg, DistillConfig)
 
 
+def test_a_separate_gpu_teacher_is_refused(teacher_dir, task_dir, tmp_path):
+    cfg = distill_config(teacher_dir, task_dir, tmp_path, teacher=SEPARATE, launcher={**ON_RAY, "gpus_per_worker": 1})
+    with pytest.raises(ConfigError, match="a GPU teacher actor is not built"):
+        validate_config(cfg, DistillConfig)
+
+
 def test_the_teacher_actor_answers_like_a_local_teacher_and_reports_failures(ray_instance, teacher_dir):
+    """The actor also outwaits its `timeout_s` between requests (the rank's wait for an answer)."""
     local = load_hf(teacher_dir).eval()
-    role = TeacherConfig(path=str(teacher_dir), **SEPARATE)
+    role = TeacherConfig(path=str(teacher_dir), timeout_s=3, **SEPARATE)
     remote = start_teacher(role, teacher_dir, device=torch.device("cpu"), precision="fp32")
     try:
         with remote.active() as model:
@@ -63,6 +71,8 @@ def test_the_teacher_actor_answers_like_a_local_teacher_and_reports_failures(ray
                 scale = expected.abs().max().item()
                 torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6 * scale)
                 assert torch.equal(again, got)
+            time.sleep(4)  # idle for longer than timeout_s
+            assert torch.equal(forward_hidden(model, batch), got)
             bad = packed([[4, 4]], 8, local.vocab_size)
             bad.input_ids[0, 1] = 10**7  # the teacher's embedding lookup fails
             with pytest.raises(TeacherGone, match=rf"pid {remote.handle.pid}\b.*IndexError"):
@@ -70,6 +80,14 @@ def test_the_teacher_actor_answers_like_a_local_teacher_and_reports_failures(ray
     finally:
         remote.close()
     wait_gone(remote.handle.pid)
+
+    patient = role.model_copy(update={"timeout_s": 60})
+    remote = start_teacher(patient, teacher_dir, device=torch.device("cpu"), precision="fp32")
+    remote.model.submit(packed([[6]], 8, local.vocab_size))  # then the step raised: never collected
+    started = time.monotonic()
+    remote.close()  # kills the actor: telling it to stop would wait (60 s) behind its answer
+    wait_gone(remote.handle.pid)
+    assert time.monotonic() - started < 10
 
     half = role.model_copy(update={"dtype": "bfloat16"})  # bf16 on the wire: the head and hidden states
     remote = start_teacher(half, teacher_dir, device=torch.device("cpu"), precision="fp32")
@@ -92,8 +110,6 @@ def test_the_teacher_actor_answers_like_a_local_teacher_and_reports_failures(ray
 
 
 def _attn(batch):
-    from posttrain.models.common.attention import packed_attention
-
     rows, length = batch.input_ids.shape
     return packed_attention(batch.cu_seqlens, batch.max_seqlen, rows, length)
 
