@@ -12,8 +12,9 @@ teacher) on the Ray backend with one rank, both arms in this run:
                 the teacher before the student's forward, so the two overlap)
 
 Prints per arm the median step time after `--warmup` steps, trained tokens/s, the rank's peak RSS
-(the teacher's weights and activations leave it under `separate`), the first step's loss (the two
-must agree) and, for `separate`, the mean time a micro-batch waited for the teacher.
+(the teacher's weights and activations leave it under `separate`), the teacher actor's peak RSS
+(read from /proc while the run goes), the first step's loss (the two must agree) and, for
+`separate`, the median time a micro-batch waited for the teacher.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import json
 import statistics
 import tempfile
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +41,20 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def watch_teacher_rss(peaks: list[float], stop: threading.Event) -> None:
+    """Keep the largest peak RSS (VmHWM) seen of any teacher actor process, in GiB."""
+    while not stop.wait(0.5):
+        for status in Path("/proc").glob("[0-9]*/status"):
+            try:
+                if b"TeacherActor" not in (status.parent / "cmdline").read_bytes():
+                    continue
+                text = status.read_text()
+            except OSError:
+                continue
+            kib = next((int(line.split()[1]) for line in text.splitlines() if line.startswith("VmHWM")), 0)
+            peaks.append(kib / 2**20)
+
+
 def run_arm(arm: str, args: argparse.Namespace, out: Path) -> list[dict]:
     from posttrain.cluster.launch import launch
     from posttrain.config import load_config
@@ -52,9 +68,19 @@ def run_arm(arm: str, args: argparse.Namespace, out: Path) -> list[dict]:
                  "launcher.backend=ray", "launcher.num_workers=1", f"launcher.cpus_per_worker={rank_cpus}",
                  f"teacher.placement={arm}", "teacher.cpus=1", *args.overrides]
     cfg = load_config(CONFIG, overrides, DistillConfig)
-    result = launch(run_distill, cfg, cfg.launcher).main
+    peaks: list[float] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch_teacher_rss, args=(peaks, stop), daemon=True)
+    watcher.start()
+    try:
+        result = launch(run_distill, cfg, cfg.launcher).main
+    finally:
+        stop.set()
+        watcher.join()
     rows = [json.loads(line) for line in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r]
+    steps = [r for r in rows if "loss" in r]
+    steps[0]["teacher_peak_rss_gb"] = max(peaks, default=None)
+    return steps
 
 
 def summary(rows: list[dict], warmup: int) -> dict:
@@ -63,6 +89,7 @@ def summary(rows: list[dict], warmup: int) -> dict:
     return {"step_s": statistics.median(r["step_time_s"] for r in timed),
             "trained_tok_s": statistics.median(r["trained_tokens_per_s"] for r in timed),
             "peak_rss_gb": max(r["peak_memory_gb"] for r in rows), "first_loss": rows[0]["loss"],
+            "teacher_peak_rss_gb": rows[0]["teacher_peak_rss_gb"],
             "teacher_wait_s": statistics.median(waits) if waits else None}
 
 
@@ -76,10 +103,12 @@ def main() -> None:
 
     init_ray(LauncherConfig(backend="ray"), num_cpus=args.cpus)
     results = {arm: summary(run_arm(arm, args, out), args.warmup) for arm in ("colocated", "separate")}
-    print(f"{'arm':<10} {'step s':>7} {'trained tok/s':>14} {'rank peak RSS GB':>17} {'first loss':>12} {'wait s':>7}")
+    print(f"{'arm':<10} {'step s':>7} {'trained tok/s':>14} {'rank peak RSS GB':>17} {'teacher actor GB':>17} "
+          f"{'first loss':>12} {'wait s':>7}")
     for arm, r in results.items():
         wait = "-" if r["teacher_wait_s"] is None else f"{r['teacher_wait_s']:.3f}"
-        print(f"{arm:<10} {r['step_s']:>7.2f} {r['trained_tok_s']:>14.1f} {r['peak_rss_gb']:>17.2f} "
+        actor = "-" if r["teacher_peak_rss_gb"] is None else f"{r['teacher_peak_rss_gb']:.2f}"
+        print(f"{arm:<10} {r['step_s']:>7.2f} {r['trained_tok_s']:>14.1f} {r['peak_rss_gb']:>17.2f} {actor:>17} "
               f"{r['first_loss']:>12.7f} {wait:>7}")
     a, b = results["colocated"], results["separate"]
     print(f"separate vs colocated: step time {b['step_s'] / a['step_s']:.2f}x, rank peak RSS "
