@@ -29,6 +29,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from posttrain.rollout.process_engine import DTYPES, START_TIMEOUT_S, EngineDied, RemoteEngine, chunks
 
 NAME_PREFIX = "posttrain-engine-"
+CLOSE_TIMEOUT_S = 30.0
 
 
 class EngineActor:
@@ -57,6 +58,13 @@ class EngineActor:
 
     def call(self, method: str, *args: Any) -> tuple[Any, int]:
         return getattr(self.engine, method)(*args), self.engine.policy_version
+
+    def close(self) -> None:
+        """End the engine's own processes (a vLLM server's whole process group) before the actor
+        goes: Ray kills an actor's direct children with it, which would orphan the grandchildren."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
 
     def update_weights(self, refs: list[ray.ObjectRef], version: int | None) -> tuple[None, int]:
         def tensors() -> Iterator[tuple[str, torch.Tensor]]:
@@ -104,7 +112,12 @@ class RayEngine(RemoteEngine):
         self.restarts += 1
 
     def close(self) -> None:
+        """Ask the actor to end its engine's processes (up to `CLOSE_TIMEOUT_S`), then kill it."""
         if self.actor is not None:
+            try:
+                ray.get(self.actor.close.remote(), timeout=CLOSE_TIMEOUT_S)
+            except ray.exceptions.RayError:
+                pass  # dead or stuck: killed below
             ray.kill(self.actor, no_restart=True)
         self.actor = None
 

@@ -266,8 +266,13 @@ def test_a_ray_actor_runs_the_vllm_server_and_reports_its_death(ray_instance, en
             remote.generate(prompts[:2], sampling, n=2, seed=5)
         remote.restart()
         assert torch.equal(remote.generate(prompts[:2], sampling, n=2, seed=5).tokens, local.tokens)
+        left = descendants(remote.pid)  # the new server and vLLM's engine core under it
     finally:
         remote.close()
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in left) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [p for p in left if alive(p)], "vLLM processes outlived the engine actor"
 
 
 def test_grpo_with_the_vllm_engine_survives_a_killed_server(smollm2_dir, task_dir, tmp_path, monkeypatch):
