@@ -101,13 +101,11 @@ def start_teacher(role: TeacherConfig, teacher_dir: Path, *, device: torch.devic
             raise TeacherGone(f"the teacher actor (pid {handle.pid}) did not connect: "
                               f"{handle.failure() or str(err).splitlines()[0]}") from None
         return RemoteTeacher(channel, handle, device)
-    except ray.exceptions.GetTimeoutError:
+    except BaseException as err:
         handle.close()
-        raise RuntimeError(f"the teacher actor did not load its teacher within {START_TIMEOUT_S:.0f} s "
-                           f"(teacher.cpus {role.cpus}: does the cluster have them free?)") from None
-    except ray.exceptions.RayActorError as err:
-        handle.close()
-        raise TeacherGone(f"the teacher actor failed to start: {err}") from None
-    except BaseException:
-        handle.close()
+        if isinstance(err, ray.exceptions.GetTimeoutError):
+            raise RuntimeError(f"the teacher actor did not load its teacher within {START_TIMEOUT_S:.0f} s "
+                               f"(teacher.cpus {role.cpus}: does the cluster have them free?)") from None
+        if isinstance(err, ray.exceptions.RayActorError):
+            raise TeacherGone(f"the teacher actor failed to start: {err}") from None
         raise

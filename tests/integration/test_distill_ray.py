@@ -109,6 +109,23 @@ def test_the_teacher_actor_answers_like_a_local_teacher_and_reports_failures(ray
         remote.close()
 
 
+def test_a_teacher_actor_that_cannot_start_is_reported_and_killed(ray_instance, tmp_path, monkeypatch):
+    import posttrain.recipes.teacher_actor as teacher_actor
+
+    empty = tmp_path / "no-weights"  # a config the actor cannot load a model from
+    empty.mkdir()
+    (empty / "config.json").write_text('{"model_type": "no-such-family"}')
+    with pytest.raises(TeacherGone, match="the teacher actor failed to start"):
+        start_teacher(TeacherConfig(path=str(empty), **SEPARATE), empty, device=torch.device("cpu"), precision="fp32")
+    monkeypatch.setattr(teacher_actor, "START_TIMEOUT_S", 1.0)
+    too_big = TeacherConfig(path=str(empty), placement="separate", cpus=64)  # never scheduled on 2 CPUs
+    with pytest.raises(RuntimeError, match=r"did not load its teacher within 1 s \(teacher.cpus 64"):
+        start_teacher(too_big, empty, device=torch.device("cpu"), precision="fp32")
+    import ray
+
+    assert not [n for n in ray.util.list_named_actors() if n.startswith(teacher_actor.NAME_PREFIX)]
+
+
 def _attn(batch):
     rows, length = batch.input_ids.shape
     return packed_attention(batch.cu_seqlens, batch.max_seqlen, rows, length)

@@ -211,6 +211,14 @@ def alive(pid: int) -> bool:
         return False
 
 
+def outlived(pids: set[int], timeout_s: float = 30.0) -> list[int]:
+    """The processes of `pids` still alive after waiting up to `timeout_s` for them to end."""
+    deadline = time.monotonic() + timeout_s
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return [p for p in pids if alive(p)]
+
+
 def test_a_killed_server_is_restarted_and_leaves_nothing_behind(engine, prompts):
     greedy = SamplingParams(temperature=0, max_new_tokens=16)
     before = engine.generate(prompts[:2], greedy)
@@ -219,10 +227,7 @@ def test_a_killed_server_is_restarted_and_leaves_nothing_behind(engine, prompts)
     os.kill(server, signal.SIGKILL)
     with pytest.raises(EngineDied):
         engine.generate(prompts[:2], greedy)
-    deadline = time.monotonic() + 30
-    while any(alive(p) for p in helpers) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not [p for p in helpers if alive(p)], "vLLM processes outlived their server"
+    assert not outlived(helpers), "vLLM processes outlived their server"
     engine.restart()
     assert engine.pid != server and engine.policy_version == 0
     assert torch.equal(engine.generate(prompts[:2], greedy).tokens, before.tokens)
@@ -241,10 +246,7 @@ def test_a_client_that_is_terminated_leaves_no_vllm_process(smollm2_dir, tmp_pat
     helpers = descendants(server) | {server}
     client.terminate()
     client.wait()
-    deadline = time.monotonic() + 30
-    while any(alive(p) for p in helpers) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not [p for p in helpers if alive(p)], "vLLM processes outlived their client"
+    assert not outlived(helpers), "vLLM processes outlived their client"
 
 
 def test_a_ray_actor_runs_the_vllm_server_and_reports_its_death(ray_instance, engine, smollm2_dir, prompts, tmp_path):
@@ -269,10 +271,7 @@ def test_a_ray_actor_runs_the_vllm_server_and_reports_its_death(ray_instance, en
         left = descendants(remote.pid)  # the new server and vLLM's engine core under it
     finally:
         remote.close()
-    deadline = time.monotonic() + 30
-    while any(alive(p) for p in left) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not [p for p in left if alive(p)], "vLLM processes outlived the engine actor"
+    assert not outlived(left), "vLLM processes outlived the engine actor"
 
 
 def test_grpo_with_the_vllm_engine_survives_a_killed_server(smollm2_dir, task_dir, tmp_path, monkeypatch):
